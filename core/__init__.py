@@ -1,0 +1,1 @@
+"""Host-agnostic core of emergent-seg: pure torch, never imports ComfyUI."""

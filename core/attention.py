@@ -1,0 +1,74 @@
+"""Explicit attention in query chunks: ``softmax(Q Kᵀ / sqrt(d)) V`` with the probabilities exposed.
+
+Optimised kernels (SDPA, xformers) never form the probability matrix, so capture sites compute
+attention here. Probabilities are produced one query chunk at a time, so one layer never holds
+``heads x Nq x Nk`` floats at once; a caller folds each chunk into what it needs and drops it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# probs: [B, heads, chunk, Nk] float32 for queries [start, start+chunk) -> None
+ChunkFn = Callable[[int, torch.Tensor], None]
+# Replace the probabilities of a chunk (attention injection): (start, probs) -> probs
+ProbsFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, N, heads*d]`` -> ``[B, heads, N, d]``."""
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, N, d]`` -> ``[B, N, heads*d]``."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def query_chunk(batch: int, heads: int, n_query: int, n_key: int,
+                budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Largest query chunk whose float32 probabilities fit ``budget_bytes``."""
+    per_query = batch * heads * n_key * 4
+    return max(1, min(n_query, budget_bytes // max(per_query, 1)))
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                       on_chunk: ChunkFn | None = None, replace_probs: ProbsFn | None = None,
+                       budget_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """Attention with float32 probabilities, computed in query chunks.
+
+    Args:
+        q, k, v: ``[B, N, heads*d]`` projected tensors (any float dtype).
+        heads: number of heads.
+        on_chunk: sees each chunk's probabilities ``[B, heads, chunk, Nk]`` (float32).
+        replace_probs: may return different probabilities for the chunk (attention injection).
+        budget_bytes: memory for one chunk's probabilities.
+
+    Returns:
+        ``[B, Nq, heads*d]`` in ``q``'s dtype, before the output projection.
+    """
+    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    b, _, nq, d = qh.shape
+    nk = kh.shape[2]
+    scale = d ** -0.5
+    kt = kh.float().transpose(-1, -2)
+    vf = vh.float()
+    out = torch.empty(b, heads, nq, vh.shape[-1], dtype=torch.float32, device=q.device)
+    step = query_chunk(b, heads, nq, nk, budget_bytes)
+    for start in range(0, nq, step):
+        stop = min(nq, start + step)
+        scores = torch.matmul(qh[:, :, start:stop].float(), kt)
+        scores.mul_(scale)
+        probs = scores.softmax(dim=-1)
+        del scores
+        if on_chunk is not None:
+            on_chunk(start, probs)
+        if replace_probs is not None:
+            probs = replace_probs(start, probs)
+        torch.matmul(probs, vf, out=out[:, :, start:stop])
+    return merge_heads(out).to(q.dtype)
