@@ -45,30 +45,46 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     Args:
         q, k, v: ``[B, N, heads*d]`` projected tensors (any float dtype).
         heads: number of heads.
-        on_chunk: sees each chunk's probabilities ``[B, heads, chunk, Nk]`` (float32).
+        on_chunk: sees each chunk's probabilities ``[B, heads, chunk, Nk]`` (float32). The tensor
+            is a reused buffer: fold what you need before returning, never keep a reference.
         replace_probs: may return different probabilities for the chunk (attention injection).
         budget_bytes: memory for one chunk's probabilities.
 
     Returns:
         ``[B, Nq, heads*d]`` in ``q``'s dtype, before the output projection.
     """
-    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
-    b, _, nq, d = qh.shape
-    nk = kh.shape[2]
-    scale = d ** -0.5
-    kt = kh.float().transpose(-1, -2)
-    vf = vh.float()
-    out = torch.empty(b, heads, nq, vh.shape[-1], dtype=torch.float32, device=q.device)
+    b, nq, _ = q.shape
+    nk = k.shape[1]
+    qh = split_heads(q, heads).float().reshape(b * heads, nq, -1)
+    kt = split_heads(k, heads).float().reshape(b * heads, nk, -1).transpose(1, 2)
+    vh = split_heads(v, heads).float().reshape(b * heads, nk, -1)
+    scale = qh.shape[-1] ** -0.5
+    out = torch.empty(b * heads, nq, vh.shape[-1], dtype=torch.float32, device=q.device)
     step = query_chunk(b, heads, nq, nk, budget_bytes)
+    # One buffer reused by every chunk: fresh multi-MB allocations per chunk cost page faults.
+    buffer = torch.empty(b * heads * step * nk, dtype=torch.float32, device=q.device)
     for start in range(0, nq, step):
         stop = min(nq, start + step)
-        scores = torch.matmul(qh[:, :, start:stop].float(), kt)
-        scores.mul_(scale)
-        probs = scores.softmax(dim=-1)
-        del scores
+        probs = buffer[: b * heads * (stop - start) * nk].view(b * heads, stop - start, nk)
+        torch.baddbmm(probs, qh[:, start:stop], kt, beta=0.0, alpha=scale, out=probs)
+        torch.ops.aten._softmax.out(probs, -1, False, out=probs)
+        view = probs.view(b, heads, stop - start, nk)
         if on_chunk is not None:
-            on_chunk(start, probs)
+            on_chunk(start, view)
         if replace_probs is not None:
-            probs = replace_probs(start, probs)
-        torch.matmul(probs, vf, out=out[:, :, start:stop])
-    return merge_heads(out).to(q.dtype)
+            probs = replace_probs(start, view).reshape(b * heads, stop - start, nk)
+        torch.bmm(probs, vh, out=out[:, start:stop])
+    return merge_heads(out.view(b, heads, nq, -1)).to(q.dtype)
+
+
+def fold_head_mean(probs: torch.Tensor, target: torch.Tensor, weight: float = 1.0,
+                   scratch: torch.Tensor | None = None) -> None:
+    """``target += weight * probs.mean(heads)`` for ``probs [B, heads, c, Nk]`` and ``target
+    [B, c, Nk]`` without a temporary per call when ``scratch`` (``[B, >=c, Nk]`` float32) is given."""
+    heads, c = probs.shape[1], probs.shape[2]
+    if scratch is None:
+        summed = probs.sum(dim=1)
+    else:
+        summed = scratch[:, :c]
+        torch.sum(probs, dim=1, out=summed)
+    target.add_(summed.to(target.dtype), alpha=weight / heads)

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .attention import DEFAULT_CHUNK_BYTES, explicit_attention
+from .attention import DEFAULT_CHUNK_BYTES, explicit_attention, fold_head_mean
 from .backend import Backend, Conditioning, PassHooks, Progress
 from .errors import EmergentSegError, UnsupportedModelError
 from .sites import AttentionSite, select
@@ -169,6 +169,16 @@ def capture_attention(backend: Backend, latents: torch.Tensor, cond: Conditionin
     cross_sums: dict[int, torch.Tensor] = {}
     cross_seen: dict[int, int] = {}
     progress = progress or Progress()
+    scratch_store: dict[str, torch.Tensor] = {}
+
+    def scratch(probs: torch.Tensor) -> torch.Tensor:
+        # head-sum buffer shared by all layers (largest chunk wins), reused to avoid page faults
+        need = probs.shape[0] * probs.shape[2] * probs.shape[3]
+        buf = scratch_store.get("buf")
+        if buf is None or buf.numel() < need:
+            buf = scratch_store["buf"] = torch.empty(need, dtype=torch.float32, device=probs.device)
+        return buf[:need].view(probs.shape[0], probs.shape[2], probs.shape[3])
+
     progress.grow(len(self_sites) + len(cross_sites))
 
     def self_hook(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -182,13 +192,12 @@ def capture_attention(backend: Backend, latents: torch.Tensor, cond: Conditionin
             scale = level_weights[site.stride] / counts[site.stride]
 
             def fold(start: int, probs: torch.Tensor) -> None:
-                stop = start + probs.shape[2]
-                aggregate[:, start:stop] += (probs.mean(dim=1) * scale).to(aggregate_dtype)
+                fold_head_mean(probs, aggregate[:, start:start + probs.shape[2]], scale, scratch(probs))
         else:
             buf = sums.setdefault(site.stride, torch.zeros(b, n, n, device=device))
 
             def fold(start: int, probs: torch.Tensor) -> None:
-                buf[:, start:start + probs.shape[2]] += probs.mean(dim=1)
+                fold_head_mean(probs, buf[:, start:start + probs.shape[2]], 1.0, scratch(probs))
         out = explicit_attention(q, k, v, site.heads, on_chunk=fold, budget_bytes=budget_bytes)
         seen[site.stride] = seen.get(site.stride, 0) + 1
         if site.stride != top_stride and seen[site.stride] == counts[site.stride]:
@@ -203,7 +212,7 @@ def capture_attention(backend: Backend, latents: torch.Tensor, cond: Conditionin
         buf = cross_sums.setdefault(site.stride, torch.zeros(b, grid[0] * grid[1], k.shape[1], device=device))
 
         def fold(start: int, probs: torch.Tensor) -> None:
-            buf[:, start:start + probs.shape[2]] += probs.mean(dim=1)
+            fold_head_mean(probs, buf[:, start:start + probs.shape[2]])
         out = explicit_attention(q, k, v, site.heads, on_chunk=fold, budget_bytes=budget_bytes)
         cross_seen[site.stride] = cross_seen.get(site.stride, 0) + 1
         progress.advance()

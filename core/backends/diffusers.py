@@ -184,7 +184,13 @@ class DiffusersBackend:
     def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                       hooks: PassHooks | None = None) -> torch.Tensor:
         cond = cond.expand(latents.shape[0])
-        extra = {k: v.to(self.device) for k, v in cond.extra.items()} or None
+        extra = {k: v.to(self.device) for k, v in cond.extra.items()}
+        if getattr(self.unet.config, "addition_embed_type", None) == "text_time" and "time_ids" not in extra:
+            # SDXL micro-conditioning: original size, crop (0, 0), target size = the image size.
+            h, w = (int(d) * self.latent_scale for d in latents.shape[-2:])
+            extra["time_ids"] = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype,
+                                             device=self.device).expand(latents.shape[0], 6)
+        extra = extra or None
         with self.hooked(hooks or PassHooks()), torch.no_grad():
             out = self.unet(latents.to(self.device, self.dtype), timesteps.to(self.device),
                             encoder_hidden_states=cond.context.to(self.device, self.dtype),

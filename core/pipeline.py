@@ -1,0 +1,90 @@
+"""High-level entry points shared by the CLI, the evaluation harness and the tests.
+
+Each takes a :class:`Backend` and images ``[B,3,H,W]`` in [0,1] and returns a
+:class:`Segmentation`; the ComfyUI nodes call the same pieces one step at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backend import Backend, Conditioning, Progress, check_size
+from .capture import DIFFSEG_TIMESTEP, AttentionCapture, capture_attention
+from .errors import EmergentSegError
+from .segmentation import Segmentation
+
+
+@dataclass(frozen=True)
+class DiffSegSettings:
+    """DiffSeg's knobs with the official defaults (COCO-Stuff-27 benchmark)."""
+
+    timestep: int = DIFFSEG_TIMESTEP
+    tau: float | None = 1.1
+    tau_quantile: float | None = None
+    iterations: int = 3
+    anchors_per_side: int = 16
+    mode: str = "fast"
+    refine: bool = False
+    strides: tuple[int, ...] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def check_images(backend: Backend, images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise EmergentSegError(f"images must be [B,3,H,W], got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise EmergentSegError("no images were given")
+    check_size(backend, int(images.shape[2]), int(images.shape[3]))
+
+
+def capture(backend: Backend, images: torch.Tensor, cond: Conditioning | None = None,
+            settings: DiffSegSettings = DiffSegSettings(), cross: bool = False,
+            progress: Progress | None = None) -> AttentionCapture:
+    """VAE-encode (posterior mean) and capture DiffSeg's aggregate in one pass."""
+    check_images(backend, images)
+    latents = backend.encode(images)
+    dtype = torch.float64 if settings.mode == "parity" else torch.float32
+    return capture_attention(backend, latents, cond, timestep=settings.timestep, strides=settings.strides,
+                             cross=cross, aggregate_dtype=dtype, image_size=tuple(images.shape[-2:]),
+                             progress=progress)
+
+
+def merge(cap: AttentionCapture, settings: DiffSegSettings = DiffSegSettings(),
+          progress: Progress | None = None) -> Segmentation:
+    """KL-merge a capture into a :class:`Segmentation` (word votes when the capture has a prompt)."""
+    from .diffseg import kl_merge
+
+    labels, _ = kl_merge(cap.self_attention, cap.grid, cap.image_size, tau=settings.tau,
+                         tau_quantile=settings.tau_quantile, iterations=settings.iterations,
+                         anchors_per_side=settings.anchors_per_side, mode=settings.mode,
+                         refine=settings.refine, progress=progress)
+    info = {"grid": list(cap.grid), "levels": cap.describe(), "mode": settings.mode,
+            "tau": settings.tau, "tau_quantile": settings.tau_quantile}
+    return Segmentation.from_labels(labels, method="diffseg", info=info)
+
+
+def segment_diffseg(backend: Backend, images: torch.Tensor, cond: Conditioning | None = None,
+                    settings: DiffSegSettings = DiffSegSettings(),
+                    progress: Progress | None = None) -> Segmentation:
+    """DiffSeg end to end, one image at a time (the aggregate is 64 MiB per image at 512 px)."""
+    check_images(backend, images)
+    results = []
+    for i in range(images.shape[0]):
+        one_cond = None if cond is None else cond.expand(images.shape[0]).select([i])
+        cap = capture(backend, images[i:i + 1], one_cond, settings, progress=progress)
+        results.append(merge(cap, settings, progress=progress))
+    return concat(results)
+
+
+def concat(parts: list[Segmentation]) -> Segmentation:
+    """Stack single-image segmentations of the same size into one batch."""
+    if not parts:
+        raise EmergentSegError("nothing to concatenate")
+    sizes = {p.size for p in parts}
+    if len(sizes) != 1:
+        raise EmergentSegError(f"segmentations have different sizes {sorted(sizes)}")
+    words = tuple(w for p in parts for w in p.words) if all(p.words for p in parts) else ()
+    lowres = torch.cat([p.lowres for p in parts]) if all(p.lowres is not None for p in parts) else None
+    return Segmentation(torch.cat([p.labels for p in parts]), tuple(c for p in parts for c in p.counts),
+                        words, lowres, parts[0].method, dict(parts[0].info))
