@@ -152,4 +152,4 @@ def check_size(backend: Backend, height: int, width: int) -> None:
             return max(m, int(round(x / m)) * m)
         raise EmergentSegError(
             f"image size {width}x{height} is not a multiple of {m}; resize or crop it to "
-            f"{near(width)}x{near(height)} (for example with an Upscale Image node or --size)")
+            f"{near(width)}x{near(height)}")

@@ -52,16 +52,45 @@ def capture(backend: Backend, images: torch.Tensor, cond: Conditioning | None = 
 
 def merge(cap: AttentionCapture, settings: DiffSegSettings = DiffSegSettings(),
           progress: Progress | None = None) -> Segmentation:
-    """KL-merge a capture into a :class:`Segmentation` (word votes when the capture has a prompt)."""
+    """KL-merge a capture into a :class:`Segmentation`, named by prompt words when the capture
+    holds cross-attention and tokens. Labels are returned on the CPU."""
     from .diffseg import kl_merge
+
+    progress = progress or Progress()
+    start = progress.done
+
+    def on_progress(done: int, total: int) -> None:
+        progress.total = max(progress.total, start + total)
+        progress.advance(start + done - progress.done)
+
+    def should_stop() -> bool:
+        progress.check()
+        return False
 
     labels, _ = kl_merge(cap.self_attention, cap.grid, cap.image_size, tau=settings.tau,
                          tau_quantile=settings.tau_quantile, iterations=settings.iterations,
                          anchors_per_side=settings.anchors_per_side, mode=settings.mode,
-                         refine=settings.refine, progress=progress)
+                         refine=settings.refine, progress=on_progress, should_stop=should_stop)
     info = {"grid": list(cap.grid), "levels": cap.describe(), "mode": settings.mode,
-            "tau": settings.tau, "tau_quantile": settings.tau_quantile}
-    return Segmentation.from_labels(labels, method="diffseg", info=info)
+            "tau": settings.tau, "tau_quantile": settings.tau_quantile,
+            "iterations": settings.iterations, "timestep": cap.timestep}
+    seg = Segmentation.from_labels(labels.cpu(), method="diffseg", info=info)
+    return with_word_votes(seg, cap)
+
+
+def with_word_votes(seg: Segmentation, cap: AttentionCapture) -> Segmentation:
+    """Name segments after prompt words when the capture has cross-attention and tokens."""
+    from .words import label_words, vote_words
+
+    if not cap.cross or not cap.tokens:
+        return seg
+    words = label_words(cap.tokens, cap.prompt)
+    if not words:
+        return seg
+    votes = vote_words(seg.labels.to(cap.cross[0].maps.device), seg.counts, cap.cross, words)
+    out = seg.with_words(votes)
+    out.info["words"] = list(words)
+    return out
 
 
 def segment_diffseg(backend: Backend, images: torch.Tensor, cond: Conditioning | None = None,

@@ -1,0 +1,335 @@
+"""``core.backend.Backend`` over a ComfyUI ModelPatcher: the only module that touches comfy internals.
+
+How a pass works (docs COMFYUI.md §5, §7):
+- Every :meth:`ComfyBackend.predict_noise` clones the user's ModelPatcher and installs attention
+  replace patches (``set_model_attn1_replace``/``attn2_replace``) on exactly the transformer blocks
+  the pass's hooks name, plus one ``attn1/attn2_output_patch`` gated on ``block``/``block_index``
+  for output hooks. The patches live in the clone's copied ``model_options``; the user's patcher
+  is never modified, so nothing has to be removed afterwards, even after an error or a Cancel.
+- The forward goes through ``BaseModel.apply_model`` with ``x = x_t * sqrt(sigma^2 + 1)``, so the
+  UNet sees exactly ``x_t`` (DiffSeg: the clean latent) at the integer timestep; epsilon is
+  recovered as ``(x - denoised) / sigma``, which holds for EPS and v-prediction models alike.
+- Sites are read from the model's own modules (input/middle/output blocks, SpatialTransformer
+  depth and heads, Downsample/Upsample for strides), so SD1.x, SD2.x and SDXL work at any size.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+from ..core.backend import Conditioning, PassHooks, Progress
+from ..core.errors import EmergentSegError, UnsupportedModelError
+from ..core.sites import AttentionSite
+
+try:  # video UNets (SVD) reuse SpatialTransformer with temporal blocks we cannot address
+    from comfy.ldm.modules.attention import SpatialVideoTransformer
+    _VIDEO: tuple[type, ...] = (SpatialVideoTransformer,)
+except ImportError:  # pragma: no cover - older trees
+    _VIDEO = ()
+
+log = logging.getLogger("emergent_seg")
+
+NEEDS_UNET = "emergent-seg needs an SD1.x/SD2.x/SDXL UNet model"
+_STAGES = {"input": "down", "middle": "mid", "output": "up"}
+# Scalar entries of a CONDITIONING dict that SDXL's size embedding reads (CLIPTextEncodeSDXL).
+_SCALAR_OPTIONS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height",
+                   "aesthetic_score")
+_OPT = "opt:"
+
+
+def site_key(block: str, number: int, depth: int, kind: str) -> str:
+    """``"output.9.0.attn1"``: ComfyUI's ``(block, number, depth)`` plus which attention."""
+    return f"{block}.{number}.{depth}.{'attn1' if kind == 'self' else 'attn2'}"
+
+
+def model_sites(diffusion_model: torch.nn.Module, model_name: str = "") -> tuple[list[AttentionSite], int]:
+    """Attention sites of a ComfyUI ``UNetModel`` in execution order, and its number of 2x
+    downsamplings. Raises :class:`UnsupportedModelError` for anything that is not a UNet with
+    SpatialTransformers (Flux, SD3, other DiTs, video UNets)."""
+    name = model_name or type(diffusion_model).__name__
+    if not all(hasattr(diffusion_model, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        raise UnsupportedModelError(
+            f"the connected model is {name}, a DiT/Flux/SD3-style transformer, not a UNet; {NEEDS_UNET}")
+    sites: list[AttentionSite] = []
+    stride, downs = 1, 0
+    counters = {"down": 0, "mid": 0, "up": 0}
+
+    def visit(block_name: str, number: int, module: torch.nn.Module) -> None:
+        nonlocal stride, downs
+        for layer in module.children() if isinstance(module, torch.nn.Sequential) else [module]:
+            if isinstance(layer, _VIDEO):
+                raise UnsupportedModelError(
+                    f"the connected model is {name}, a video UNet; {NEEDS_UNET}")
+            if isinstance(layer, SpatialTransformer):
+                stage = _STAGES[block_name]
+                for depth, tb in enumerate(layer.transformer_blocks):
+                    for attn_name, kind in (("attn1", "self"), ("attn2", "cross")):
+                        attn = getattr(tb, attn_name, None)
+                        if attn is None or (kind == "self" and getattr(tb, "disable_self_attn", False)):
+                            continue
+                        sites.append(AttentionSite(
+                            site_key(block_name, number, depth, kind), kind, stride, int(attn.heads),
+                            len(sites), stage, counters[stage], depth, (block_name, number, depth)))
+                counters[stage] += 1
+            elif isinstance(layer, Downsample):
+                stride *= 2
+                downs += 1
+            elif isinstance(layer, Upsample):
+                stride //= 2
+
+    for i, module in enumerate(diffusion_model.input_blocks):
+        visit("input", i, module)
+    if diffusion_model.middle_block is not None:
+        visit("middle", 0, diffusion_model.middle_block)
+    for i, module in enumerate(diffusion_model.output_blocks):
+        visit("output", i, module)
+    if not sites:
+        raise UnsupportedModelError(f"the connected model ({name}) is a UNet without transformer "
+                                    f"blocks, so it has no attention to read; {NEEDS_UNET}")
+    return sites, downs
+
+
+def comfy_progress(total: int = 0) -> Progress:
+    """A core :class:`Progress` that drives ComfyUI's progress bar and honours Cancel.
+
+    Cancellation raises ComfyUI's own ``InterruptProcessingException`` (via
+    ``throw_exception_if_processing_interrupted``), so the executor reports an interruption
+    rather than an error.
+    """
+    bar = comfy.utils.ProgressBar(max(total, 1))
+
+    def update(done: int, all_: int) -> None:
+        bar.update_absolute(done, max(all_, 1))
+
+    def cancelled() -> bool:
+        mm.throw_exception_if_processing_interrupted()
+        return False
+
+    return Progress(total=total, on_update=update, is_cancelled=cancelled)
+
+
+def _tensor_entries(options: dict, batch: int) -> dict[str, torch.Tensor]:
+    """Batch-first tensors (and SDXL's scalar size options as ``[1, 1]`` tensors) of a
+    CONDITIONING dict, in the form :class:`Conditioning.extra` carries them."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in options.items():
+        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] in (1, batch):
+            out[k] = v
+        elif k in _SCALAR_OPTIONS and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[_OPT + k] = torch.tensor([[float(v)]])
+    return out
+
+
+class ComfyBackend:
+    """:class:`core.backend.Backend` over a ComfyUI ``ModelPatcher`` (MODEL).
+
+    Args:
+        model: the MODEL socket value. It is cloned for every pass and never modified.
+        vae: the VAE socket value, for :meth:`encode`/:meth:`decode` (optional when a LATENT is
+            given).
+        clip: the CLIP socket value, for :meth:`encode_prompt` and the empty prompt.
+        progress: polled for cancellation inside every hooked layer.
+    """
+
+    def __init__(self, model: Any, vae: Any = None, clip: Any = None,
+                 progress: Progress | None = None) -> None:
+        base = getattr(model, "model", None)
+        diffusion_model = getattr(base, "diffusion_model", None)
+        if diffusion_model is None:
+            raise UnsupportedModelError(f"the MODEL input ({type(model).__name__}) has no diffusion "
+                                        f"model; {NEEDS_UNET}")
+        self.model, self.vae, self.clip = model, vae, clip
+        self.progress = progress
+        self._sites, self._downs = model_sites(diffusion_model, type(base).__name__)
+        self._by_key = {s.key: s for s in self._sites}
+        ratio = getattr(vae, "downscale_ratio", 8)  # a callable for some video VAEs
+        self.latent_scale = ratio if isinstance(ratio, int) else 8
+        self._empty: Conditioning | None = None
+
+    # --- Backend protocol -------------------------------------------------------------------
+    def sites(self) -> list[AttentionSite]:
+        return list(self._sites)
+
+    def size_multiple(self) -> int:
+        return self.latent_scale * 2 ** self._downs
+
+    def _model_sampling(self) -> Any:
+        return self.model.get_model_object("model_sampling")
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        sigmas = self._model_sampling().sigmas.detach().to("cpu", torch.float64)
+        return 1.0 / (1.0 + sigmas ** 2)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B,3,H,W]`` in [0,1] -> scaled latent (ComfyUI's VAE returns the posterior mean)."""
+        if self.vae is None:
+            raise EmergentSegError("an IMAGE needs a VAE to be encoded; connect the checkpoint's VAE "
+                                   "or give a LATENT instead")
+        raw = self.vae.encode(images.movedim(1, -1)[..., :3])
+        return self.model.model.process_latent_in(raw)
+
+    def latent_in(self, samples: torch.Tensor) -> torch.Tensor:
+        """A LATENT's raw ``samples`` -> scaled latent (``process_latent_in``)."""
+        return self.model.model.process_latent_in(samples)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise EmergentSegError("decoding needs a VAE; connect the checkpoint's VAE")
+        images = self.vae.decode(self.model.model.process_latent_out(latents))
+        images = images.reshape(-1, *images.shape[-3:])
+        return images[..., :3].movedim(-1, 1).clamp(0, 1)
+
+    def empty_conditioning(self) -> Conditioning:
+        if self._empty is None:
+            if self.clip is None:
+                raise EmergentSegError(
+                    "Capture Attention needs the empty prompt's conditioning: connect the "
+                    "checkpoint's CLIP (or a CONDITIONING from CLIP Text Encode)")
+            self._empty = self.encode_prompt("")
+        return self._empty
+
+    def encode_prompt(self, prompt: str) -> Conditioning:
+        """Encode ``prompt`` like CLIP Text Encode does, keeping each position's token string."""
+        if self.clip is None:
+            raise EmergentSegError("a prompt needs the checkpoint's CLIP; connect it to Capture Attention")
+        tokens = self.clip.tokenize(prompt)
+        encoded = self.clip.encode_from_tokens_scheduled(tokens)
+        cond = self.from_conditioning(encoded)
+        return Conditioning(cond.context, cond.extra, token_strings(self.clip, tokens), prompt)
+
+    def from_conditioning(self, conditioning: list, prompt: str | None = None) -> Conditioning:
+        """A ComfyUI CONDITIONING (``[[cond, {pooled_output, ...}], ...]``) as a core Conditioning.
+
+        Only the first entry is used: a DiffSeg pass has one context (area and timestep-range
+        entries from Conditioning Combine/Set Area would need several passes).
+        """
+        if not isinstance(conditioning, (list, tuple)) or not conditioning \
+                or not isinstance(conditioning[0][0], torch.Tensor):
+            raise EmergentSegError("the CONDITIONING input is empty; connect a CLIP Text Encode")
+        if len(conditioning) > 1:
+            log.warning("emergent_seg: the CONDITIONING has %d entries; only the first is used",
+                        len(conditioning))
+        context, options = conditioning[0][0], dict(conditioning[0][1])
+        return Conditioning(context, _tensor_entries(options, context.shape[0]), None, prompt)
+
+    def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                      hooks: PassHooks | None = None) -> torch.Tensor:
+        hooks = hooks or PassHooks()
+        unknown = (hooks.attention.keys() | hooks.output.keys()) - self._by_key.keys()
+        if unknown:
+            raise EmergentSegError(f"unknown attention sites: {sorted(unknown)[:3]}")
+        b = latents.shape[0]
+        cond = cond.expand(b)
+        patched = self._patched_clone(hooks)
+        try:
+            memory = patched.model.memory_required([b * 2] + list(latents.shape[1:]))
+        except Exception:  # noqa: BLE001 - only an estimate
+            memory = 0
+        mm.load_models_gpu([patched], memory_required=memory)
+        device = patched.load_device
+        ms = patched.get_model_object("model_sampling")
+        x_t = latents.to(device, torch.float32)
+        sigma = ms.sigma(timesteps.to(device).float()).to(torch.float32)
+        x = x_t * (sigma ** 2 + 1).sqrt().view(-1, *([1] * (x_t.ndim - 1)))
+        kwargs = self._model_kwargs(patched, cond, x, device)
+        to = dict(patched.model_options["transformer_options"])
+        with torch.no_grad():
+            denoised = patched.model.apply_model(x, sigma, transformer_options=to, **kwargs)
+        eps = (x - denoised.float()) / sigma.view(-1, *([1] * (x.ndim - 1)))
+        return eps.to(latents.device)
+
+    # --- internals --------------------------------------------------------------------------
+    def _patched_clone(self, hooks: PassHooks) -> Any:
+        """A clone of the user's patcher carrying this pass's hooks (and nothing else of ours)."""
+        m = self.model.clone()
+        existing = m.model_options.get("transformer_options", {}).get("patches_replace", {})
+        for key, fn in hooks.attention.items():
+            site = self._by_key[key]
+            name, number, depth = site.host_block
+            slot = "attn1" if site.kind == "self" else "attn2"
+            if (name, number, depth) in existing.get(slot, {}) or (name, number) in existing.get(slot, {}):
+                log.warning("emergent_seg: %s at %s already had an attention patch from another node; "
+                            "it is bypassed for this pass", slot, key)
+            patch = self._attention_patch(site, fn)
+            if site.kind == "self":
+                m.set_model_attn1_replace(patch, name, number, depth)
+            else:
+                m.set_model_attn2_replace(patch, name, number, depth)
+        for kind, setter in (("self", m.set_model_attn1_output_patch),
+                             ("cross", m.set_model_attn2_output_patch)):
+            table = {self._by_key[k].host_block: (self._by_key[k], fn)
+                     for k, fn in hooks.output.items() if self._by_key[k].kind == kind}
+            if table:
+                setter(self._output_patch(table))
+        return m
+
+    def _check_cancel(self) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        if self.progress is not None:
+            self.progress.check()
+
+    def _attention_patch(self, site: AttentionSite, fn: Callable) -> Callable:
+        def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+            self._check_cancel()
+            return fn(site, q, k, v)
+        return patch
+
+    def _output_patch(self, table: dict) -> Callable:
+        def patch(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
+            block = extra_options.get("block")
+            if block is None:
+                return n
+            entry = table.get((block[0], block[1], extra_options.get("block_index", 0)))
+            if entry is None:
+                return n
+            self._check_cancel()
+            return entry[1](entry[0], n)
+        return patch
+
+    def _model_kwargs(self, patched: Any, cond: Conditioning, x: torch.Tensor,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+        """``apply_model`` keyword arguments from ``BaseModel.extra_conds`` (SDXL's ``y`` too),
+        the way the samplers build them (``samplers.encode_model_conds``)."""
+        params: dict[str, Any] = {}
+        for k, v in cond.extra.items():
+            if k.startswith(_OPT):
+                params[k[len(_OPT):]] = v.reshape(-1)[0].item()
+            else:
+                params[k] = v
+        params.setdefault("width", x.shape[-1] * self.latent_scale)
+        params.setdefault("height", x.shape[-2] * self.latent_scale)
+        params.update(cross_attn=cond.context, device=device, noise=x, prompt_type="positive")
+        conds = patched.model.extra_conds(**params)
+        out = {}
+        for k, c in conds.items():
+            out[k] = c.process_cond(batch_size=x.shape[0], device=device, area=None).cond
+        return out
+
+
+def token_strings(clip: Any, tokens: dict) -> tuple[str | None, ...] | None:
+    """The token string at every position of a ComfyUI tokenization (``clip.tokenize``), chunks
+    concatenated as in the encoded context; ``None`` where unknown (embeddings), or ``None``
+    overall when the tokenizer cannot name its ids."""
+    tokenizer = getattr(clip, "tokenizer", None)
+    for key, chunks in tokens.items():
+        inner = getattr(getattr(tokenizer, f"clip_{key}", None), "tokenizer", None)
+        convert = getattr(inner, "convert_ids_to_tokens", None)
+        if convert is None:
+            continue
+        out: list[str | None] = []
+        for chunk in chunks:
+            for item in chunk:
+                tid = item[0]
+                if isinstance(tid, torch.Tensor) and tid.ndim == 0:
+                    tid = int(tid)
+                out.append(convert(int(tid)) if isinstance(tid, int) else None)
+        return tuple(out)
+    return None
+

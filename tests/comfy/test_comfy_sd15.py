@@ -1,0 +1,90 @@
+"""The nodes on a full-size SD1.5 checkpoint (random weights, built once into the cache) at 256 px.
+
+Gated on COMFYUI_PATH. CPU cost: one checkpoint load, two UNet passes for the capture checks and
+two one-step KSampler runs (cond + uncond) for the bit-identity check.
+"""
+import comfy_support as cs
+
+cs.require_comfy()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py)
+
+from emergent_seg.core.words import label_words  # noqa: E402
+from emergent_seg.nodes import capture as capture_node  # noqa: E402
+from emergent_seg.nodes import kl_merge as kl_node  # noqa: E402
+from emergent_seg.nodes import mask_output as mask_node  # noqa: E402
+from emergent_seg.nodes.comfy_backend import ComfyBackend  # noqa: E402
+
+SIZE = 256
+PROMPT = "a red skateboard, on green grass"
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return cs.load_sd15()
+
+
+def scene(size=SIZE):
+    img = torch.zeros(1, size, size, 3)
+    img[:, :, : size // 2] = torch.tensor([0.9, 0.1, 0.1])
+    img[:, :, size // 2:] = torch.tensor([0.1, 0.8, 0.2])
+    return img
+
+
+def test_checkpoint_is_detected_as_sd15(checkpoint):
+    model, clip, vae = checkpoint
+    assert type(model.model).__name__ == "BaseModel"
+    assert type(model.model.model_config).__name__ == "SD15"
+    backend = ComfyBackend(model, vae, clip)
+    assert len(backend.sites()) == 32 and backend.size_multiple() == 64
+
+
+def test_capture_merge_masks_with_prompt_words(checkpoint):
+    model, clip, vae = checkpoint
+    image = scene()
+    latent = {"samples": vae.encode(image)}
+    cap = capture_node.run(model, latent=latent, clip=clip, prompt=PROMPT, levels="32").outputs[0]
+    assert cap.grid == (32, 32) and cap.image_size == (SIZE, SIZE)
+    assert [lvl.layers for lvl in cap.levels] == [5]
+    # Tokens from the real CLIP tokenizer; "skateboard" is one or more BPE tokens, all mapped.
+    assert cap.tokens[0] == "<|startoftext|>" and cap.tokens[1] == "a</w>" and len(cap.tokens) == 77
+    assert [c.grid for c in cap.cross] == [(32, 32)] and cap.cross[0].maps.shape == (1, 1024, 77)
+    words = label_words(cap.tokens, cap.prompt)
+    assert list(words) == ["red", "skateboard", "green", "grass"]
+    assert all(cap.tokens[p].removesuffix("</w>") in w for w, ps in words.items() for p in ps)
+
+    # The captured aggregate equals softmax(q kᵀ/√d) computed independently from the weights.
+    context = ComfyBackend(model, vae, clip).encode_prompt(PROMPT).context
+    expected = cs.independent_top_level_mean(model, model.model.process_latent_in(latent["samples"]),
+                                           context, 300)
+    torch.testing.assert_close(cap.self_attention.double(), expected, atol=1e-6, rtol=1e-3)
+
+    seg = kl_node.run(cap).outputs[0]
+    assert seg.labels.shape == (1, SIZE, SIZE)
+    assert len(seg.words[0]) == seg.counts[0]
+    assert set(seg.words[0]) <= {"red", "skateboard", "green", "grass"}
+    union, per_segment, overlay = mask_node.run(seg, "all", image=image).outputs
+    assert union.shape == (1, SIZE, SIZE) and float(union.min()) == 1.0
+    assert per_segment.shape == (seg.counts[0], SIZE, SIZE)
+    assert overlay.shape == (1, SIZE, SIZE, 3)
+
+
+def test_ksampler_is_bit_identical_after_our_nodes(checkpoint):
+    model, clip, vae = checkpoint
+    pos = comfy_nodes.CLIPTextEncode().encode(clip, "a photo")[0]
+    neg = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
+
+    def sample():
+        return comfy_nodes.common_ksampler(model, 42, 1, 7.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+
+    before = sample()
+    cap = capture_node.run(model, image=scene(), vae=vae, clip=clip, prompt="").outputs[0]
+    assert cap.tokens is None and cap.cross == ()          # blank prompt: DiffSeg's unconditional pass
+    seg = kl_node.run(cap, anchors_per_side=8).outputs[0]
+    mask_node.run(seg, "largest:1")
+    after = sample()
+    assert torch.equal(before, after)
