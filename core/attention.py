@@ -15,7 +15,7 @@ ChunkFn = Callable[[int, torch.Tensor], None]
 # Replace the probabilities of a chunk (attention injection): (start, probs) -> probs
 ProbsFn = Callable[[int, torch.Tensor], torch.Tensor]
 
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
