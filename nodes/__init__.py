@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from . import capture, kl_merge, mask_output
+from . import capture, kl_merge, lowres_kmeans, mapper, mask_output
 from .types import COMBO, WIDGETS, Input, NodeResult, NodeSpec
 
 #: (spec, run) of every node, in menu order. Node ids are stable forever (docs/CONTRACTS.md).
@@ -18,6 +18,8 @@ NODES: tuple[tuple[NodeSpec, Callable[..., NodeResult]], ...] = (
     (capture.SPEC, capture.run),
     (kl_merge.SPEC, kl_merge.run),
     (mask_output.SPEC, mask_output.run),
+    (lowres_kmeans.SPEC, lowres_kmeans.run),
+    (mapper.SPEC, mapper.run),
 )
 #: Optional pre-run checks, ``validate(**some_inputs) -> error sentence | None``; ComfyUI passes
 #: only the inputs named in the signature (and then skips its own min/max check for those).

@@ -6,11 +6,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..core.backend import Conditioning, check_size
 from ..core.capture import DIFFSEG_TIMESTEP, capture_attention
 from ..core.errors import EmergentSegError
 from ..core.sites import AttentionSite
 from ..core.words import label_words
+from .inputs import conditioning_from, latents_from, make_backend
+from .inputs import stack_images  # noqa: F401  (re-exported)
 from .types import (ATTENTION, CLIP, CONDITIONING, IMAGE, INT, LATENT, MODEL, STRING, VAE, Input,
                     NodeResult, NodeSpec, Output, host_progress)
 
@@ -49,20 +50,6 @@ SPEC = NodeSpec(
 )
 
 
-def stack_images(image: Any) -> torch.Tensor:
-    """An IMAGE batch ``[B,H,W,C]`` (or a list of them) as one tensor; different sizes -> error."""
-    if isinstance(image, (list, tuple)):
-        sizes = sorted({(int(i.shape[-2]), int(i.shape[-3])) for i in image})
-        if len(sizes) > 1:
-            listed = ", ".join(f"{w}x{h}" for w, h in sizes)
-            raise EmergentSegError(f"the images have different sizes ({listed}); resize them to one "
-                                   "size (e.g. with Upscale Image) before segmenting them as a batch")
-        image = torch.cat([i.reshape(-1, *i.shape[-3:]) for i in image])
-    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
-        raise EmergentSegError("the image input must be an IMAGE [B,H,W,C]")
-    return image.reshape(-1, *image.shape[-3:])
-
-
 def parse_levels(text: str, sites: Sequence[AttentionSite], latent_hw: tuple[int, int]) -> list[int] | None:
     """``"all"`` -> ``None``; ``"64, 32"`` or ``"64x64"`` -> the strides of those self-attention
     grids at this latent size."""
@@ -95,45 +82,12 @@ def parse_levels(text: str, sites: Sequence[AttentionSite], latent_hw: tuple[int
 def run(model: Any, image: torch.Tensor | None = None, vae: Any = None, latent: dict | None = None,
         clip: Any = None, prompt: str = "", conditioning: list | None = None,
         timestep: int = DIFFSEG_TIMESTEP, levels: str = "all", backend_factory: Any = None) -> NodeResult:
-    if backend_factory is None:
-        from .comfy_backend import ComfyBackend as backend_factory
     progress = host_progress()
-    backend = backend_factory(model, vae=vae, clip=clip, progress=progress)
-    latents, image_size = _latents(backend, image, latent)
-    prompt = (prompt or "").strip()
-    cond: Conditioning
-    if conditioning is not None:
-        cond = backend.from_conditioning(conditioning)
-    elif clip is not None and prompt:
-        cond = backend.encode_prompt(prompt)
-    else:
-        cond = backend.empty_conditioning()
+    backend = make_backend(model, vae, clip, progress, backend_factory)
+    latents, image_size = latents_from(backend, image, latent, SPEC.display_name)
+    cond = conditioning_from(backend, clip, prompt, conditioning, SPEC.display_name)
     cross = bool(cond.tokens and cond.prompt and label_words(cond.tokens, cond.prompt))
     strides = parse_levels(levels, backend.sites(), (int(latents.shape[-2]), int(latents.shape[-1])))
     capture = capture_attention(backend, latents, cond, timestep=int(timestep), strides=strides,
                                 cross=cross, image_size=image_size, progress=progress)
     return NodeResult((capture,))
-
-
-def _latents(backend: Any, image: Any, latent: dict | None) -> tuple[torch.Tensor, tuple[int, int]]:
-    scale = backend.latent_scale
-    if latent is not None:
-        samples = latent.get("samples") if isinstance(latent, dict) else None
-        if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
-            raise EmergentSegError("the latent input must be an image LATENT [B,C,h,w] (video and "
-                                   "audio latents are not supported)")
-        size = (int(samples.shape[-2]) * scale, int(samples.shape[-1]) * scale)
-        check_size(backend, *size)
-        if image is not None:
-            images = stack_images(image)
-            if tuple(images.shape[1:3]) != size:
-                raise EmergentSegError(f"the image is {images.shape[2]}x{images.shape[1]} but the latent "
-                                       f"is {size[1]}x{size[0]}; connect only one of them")
-        return backend.latent_in(samples), size
-    if image is None:
-        raise EmergentSegError("connect an image (with the VAE) or a latent to Capture Attention")
-    images = stack_images(image)
-    check_size(backend, int(images.shape[1]), int(images.shape[2]))
-    core_images = images[..., :3].movedim(-1, 1).float()
-    return backend.encode(core_images), (int(images.shape[1]), int(images.shape[2]))
-

@@ -23,7 +23,8 @@ cs.require_comfy()
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-NODE_IDS = ("EmergentSegCaptureAttention", "EmergentSegKLMerge", "EmergentSegMaskOutput")
+NODE_IDS = ("EmergentSegCaptureAttention", "EmergentSegKLMerge", "EmergentSegMaskOutput",
+            "EmergentSegLowResKMeans", "EmergentSegModulatedDenoiseMapper")
 SIZE = 256
 
 

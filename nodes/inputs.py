@@ -1,0 +1,95 @@
+"""Input handling shared by the nodes that run the connected model (Capture Attention, Low-Res
+KMeans, Modulated Denoise Mapper): IMAGE/VAE/LATENT -> scaled latents, CLIP + prompt /
+CONDITIONING -> a core :class:`Conditioning`, and the backend over the MODEL.
+
+Nothing here imports ComfyUI; ``backend_factory`` defaults to :class:`.comfy_backend.ComfyBackend`,
+imported only when a node runs inside the host.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..core.backend import Conditioning, Progress, check_size
+from ..core.errors import EmergentSegError
+
+
+def make_backend(model: Any, vae: Any = None, clip: Any = None, progress: Progress | None = None,
+                 backend_factory: Callable[..., Any] | None = None) -> Any:
+    """The backend over the MODEL socket value (ComfyBackend unless a test substitutes one)."""
+    if backend_factory is None:
+        from .comfy_backend import ComfyBackend as backend_factory
+    return backend_factory(model, vae=vae, clip=clip, progress=progress)
+
+
+def stack_images(image: Any) -> torch.Tensor:
+    """An IMAGE batch ``[B,H,W,C]`` (or a list of them) as one tensor; different sizes -> error."""
+    if isinstance(image, (list, tuple)):
+        sizes = sorted({(int(i.shape[-2]), int(i.shape[-3])) for i in image})
+        if len(sizes) > 1:
+            listed = ", ".join(f"{w}x{h}" for w, h in sizes)
+            raise EmergentSegError(f"the images have different sizes ({listed}); resize them to one "
+                                   "size (e.g. with Upscale Image) before segmenting them as a batch")
+        image = torch.cat([i.reshape(-1, *i.shape[-3:]) for i in image])
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+        raise EmergentSegError("the image input must be an IMAGE [B,H,W,C]")
+    return image.reshape(-1, *image.shape[-3:])
+
+
+def latent_size(backend: Any, image: Any, latent: dict | None, node: str) -> tuple[int, int, int]:
+    """``(batch, H, W)`` in pixels of what :func:`latents_from` would encode, without encoding
+    (for checks that should fail before any model work)."""
+    if latent is not None:
+        samples = _samples(latent)
+        s = backend.latent_scale
+        return int(samples.shape[0]), int(samples.shape[-2]) * s, int(samples.shape[-1]) * s
+    if image is None:
+        raise EmergentSegError(f"connect an image (with the VAE) or a latent to {node}")
+    images = stack_images(image)
+    return int(images.shape[0]), int(images.shape[1]), int(images.shape[2])
+
+
+def _samples(latent: Any) -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        raise EmergentSegError("the latent input must be an image LATENT [B,C,h,w] (video and "
+                               "audio latents are not supported)")
+    return samples
+
+
+def latents_from(backend: Any, image: Any, latent: dict | None,
+                 node: str = "Capture Attention") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Scaled latents ``[B,C,h,w]`` and the image size ``(H, W)`` from a LATENT (preferred) or an
+    IMAGE encoded with the backend's VAE. When both are connected they must have one size."""
+    scale = backend.latent_scale
+    if latent is not None:
+        samples = _samples(latent)
+        size = (int(samples.shape[-2]) * scale, int(samples.shape[-1]) * scale)
+        check_size(backend, *size)
+        if image is not None:
+            images = stack_images(image)
+            if tuple(images.shape[1:3]) != size:
+                raise EmergentSegError(f"the image is {images.shape[2]}x{images.shape[1]} but the latent "
+                                       f"is {size[1]}x{size[0]}; connect only one of them")
+        return backend.latent_in(samples), size
+    if image is None:
+        raise EmergentSegError(f"connect an image (with the VAE) or a latent to {node}")
+    images = stack_images(image)
+    check_size(backend, int(images.shape[1]), int(images.shape[2]))
+    core_images = images[..., :3].movedim(-1, 1).float()
+    return backend.encode(core_images), (int(images.shape[1]), int(images.shape[2]))
+
+
+def conditioning_from(backend: Any, clip: Any, prompt: str | None, conditioning: list | None,
+                      node: str) -> Conditioning:
+    """CONDITIONING if connected, else CLIP + prompt (blank = the empty prompt, EmerDiff's and
+    DiffSeg's setting); neither -> one sentence naming ``node``."""
+    if conditioning is not None:
+        return backend.from_conditioning(conditioning)
+    if clip is None:
+        raise EmergentSegError(f"{node} needs the text conditioning of the pass: connect the "
+                               "checkpoint's CLIP (the empty prompt is used when the prompt is blank) "
+                               "or a CONDITIONING from CLIP Text Encode")
+    prompt = (prompt or "").strip()
+    return backend.encode_prompt(prompt) if prompt else backend.empty_conditioning()

@@ -1,0 +1,113 @@
+"""Low-Res KMeans: EmerDiff's first stage -- k-means on the UNet queries of a ~16x16 decoder block."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from ..core import emerdiff as E
+from ..core.backend import check_size
+from ..core.errors import EmergentSegError
+from ..core.segmentation import Segmentation
+from ..core.sites import AttentionSite
+from .inputs import conditioning_from, latent_size, latents_from, make_backend
+from .types import (CLIP, CONDITIONING, IMAGE, INT, LATENT, MODEL, SEGMENTATION, STRING, VAE, Input,
+                    NodeResult, NodeSpec, Output, host_progress)
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+# Not named "seed": the frontend gives INT inputs named seed/noise_seed a "control after generate"
+# widget that randomizes by default, which would re-run (and change) the segmentation every queue.
+SEED_TOOLTIP = ("Seed of the noise sample and of the k-means initialisation. The same seed gives the "
+                "same segments (it is not randomized after each run).")
+
+SPEC = NodeSpec(
+    node_id="EmergentSegLowResKMeans",
+    display_name="Low-Res KMeans",
+    description=(
+        "EmerDiff, stage 1: adds a little noise (timestep 1) to the image's latent, runs the "
+        "connected SD1.x/SD2.x/SDXL model once and clusters the queries of the first "
+        "cross-attention layer of its ~16x16 decoder block into K segments. The result is coarse "
+        "(one label per token cell, shown upsampled); feed it to Modulated Denoise Mapper for "
+        "pixel-sharp masks. The info output names the block and grid actually used. The model "
+        "itself is not changed. Image sides must be multiples of 64 (32 for SDXL)."),
+    inputs=(
+        Input("model", MODEL, "The diffusion model to read features from (SD1.x, SD2.x or SDXL)."),
+        Input("image", IMAGE, "Images to segment; needs the VAE. All images of a batch have one size.",
+              optional=True),
+        Input("vae", VAE, "The checkpoint's VAE, used to encode the image.", optional=True),
+        Input("latent", LATENT, "An already encoded image (e.g. from VAE Encode), used instead of "
+              "image + VAE.", optional=True),
+        Input("clip", CLIP, "The checkpoint's CLIP. Encodes the prompt, or the empty prompt EmerDiff "
+              "uses when the prompt is blank. Needed unless conditioning is connected.", optional=True),
+        Input("prompt", STRING, "Optional text for the pass. Blank = the empty prompt (EmerDiff's "
+              "setting); segments are not named after words.", optional=True, default="",
+              multiline=True),
+        Input("conditioning", CONDITIONING, "Use this conditioning instead of CLIP + prompt.",
+              optional=True),
+        Input("clusters", INT, "K, the number of k-means segments per image. The paper finds 10-40 "
+              "work about equally well; at most the number of cells of the grid (256 for 16x16).",
+              default=E.DEFAULT_K, min=2, max=4096, step=1),
+        Input("timestep", INT, "t_f, the noise level of the feature pass (0-999). EmerDiff uses 1; "
+              "larger values give worse segments.", default=E.PAPER_T_F, min=0, max=999, step=1),
+        Input("rng_seed", INT, SEED_TOOLTIP, default=0, min=0, max=SEED_MAX, step=1,
+              display_name="seed"),
+        Input("grid", INT, "Token-grid side of the decoder block to read (16 = the paper's 16x16 "
+              "block of SD1.x at 512 px). The block whose grid is nearest is used and reported in "
+              "info (e.g. 32x32 for SDXL at 1024 px).", default=E.DEFAULT_GRID, min=1, max=256,
+              step=1),
+        Input("layer", INT, "Which cross-attention transformer of that decoder block to read (0 = "
+              "the first, the paper's choice; SD1.x has 3 per block).", default=E.DEFAULT_LAYER,
+              min=0, max=9, step=1),
+    ),
+    outputs=(
+        Output(SEGMENTATION, "segmentation", "K coarse segments per image (the k-means grid "
+               "upsampled to the image), for Modulated Denoise Mapper or Mask Output."),
+        Output(STRING, "info", "Which block and token grid were used, and the cost."),
+    ),
+)
+
+
+def site_text(site: AttentionSite, grid: tuple[int, int], requested: int | tuple[int, int]) -> str:
+    """``"output.3.0.attn2 (16x16 grid)"``, noting when the requested grid was not available."""
+    req = requested if isinstance(requested, tuple) else (requested, requested)
+    note = "" if tuple(req) == tuple(grid) else f", nearest to the requested {req[0]}x{req[1]}"
+    return f"{site.key} ({grid[0]}x{grid[1]} grid{note})"
+
+
+def run(model: Any, image: torch.Tensor | None = None, vae: Any = None, latent: dict | None = None,
+        clip: Any = None, prompt: str = "", conditioning: list | None = None,
+        clusters: int = E.DEFAULT_K, timestep: int = E.PAPER_T_F, rng_seed: int = 0,
+        grid: int = E.DEFAULT_GRID, layer: int = E.DEFAULT_LAYER,
+        backend_factory: Any = None) -> NodeResult:
+    name = SPEC.display_name
+    progress = host_progress()
+    backend = make_backend(model, vae, clip, progress, backend_factory)
+    # Check what can be checked before the VAE and the UNet run.
+    _, height, width = latent_size(backend, image, latent, name)
+    check_size(backend, height, width)
+    latent_hw = (height // backend.latent_scale, width // backend.latent_scale)
+    site = E.choose_site(backend, latent_hw, int(grid), int(layer))
+    g = site.grid(latent_hw)
+    if int(clusters) > g[0] * g[1]:
+        raise EmergentSegError(f"clusters = {clusters} but the {g[0]}x{g[1]} grid of {site.key} has "
+                               f"only {g[0] * g[1]} cells at {width}x{height}; use at most "
+                               f"{g[0] * g[1]} clusters or a larger image")
+    latents, image_size = latents_from(backend, image, latent, name)
+    cond = conditioning_from(backend, clip, prompt, conditioning, name)
+    seg = E.lowres_kmeans(backend, latents, int(clusters), cond, int(timestep), int(rng_seed), int(grid),
+                          int(layer), image_size=image_size, progress=progress)
+    where = site_text(site, g, int(grid))
+    summary = (f"Low-Res KMeans: K = {int(clusters)} on {where}, t_f = {int(timestep)}, "
+               f"seed {int(rng_seed)}; segments per image: {', '.join(map(str, seg.counts))}; "
+               f"{seg.info['evaluations']} UNet evaluation(s)")
+    seg = replace(on_cpu(seg), info={**seg.info, "layer": int(layer), "summary": summary})
+    return NodeResult((seg, summary))
+
+
+def on_cpu(seg: Segmentation) -> Segmentation:
+    """The segmentation with its label tensors on the CPU, as KL Merge returns them (small, and
+    what Mask Output and previews expect; the k-means ran wherever the features were)."""
+    lowres = None if seg.lowres is None else seg.lowres.cpu()
+    return replace(seg, labels=seg.labels.cpu(), lowres=lowres)
+

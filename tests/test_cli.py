@@ -1,0 +1,167 @@
+"""``python -m emergent_seg segment`` (through ``cli.main``) on a tiny random diffusers UNet saved as a
+model folder with only ``unet/`` (pixel space: no VAE, no text encoder -> zero conditioning):
+DiffSeg, EmerDiff (K = 2, fast) and DiffSeg refined by the EmerDiff mapper, the files they write,
+and the one-line errors for bad input."""
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+from emergent_seg import cli
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """SD1.x block layout at toy width, 3 channels in and out (pixel space), 3 downsamplings."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=16, attention_head_dim=4).eval()
+    folder = tmp_path_factory.mktemp("tiny_model")
+    unet.save_pretrained(folder / "unet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    rgb = np.zeros((48, 40, 3), dtype=np.uint8)       # not square: fitted to --size
+    rgb[:, :20] = (200, 40, 30)
+    rgb[:, 20:] = (30, 180, 60)
+    rgb[30:, 10:30] = (20, 30, 200)
+    path = tmp_path_factory.mktemp("images") / "scene.png"
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def segment(model_dir, image_path, out, *extra):
+    return cli.main(["segment", str(image_path), "--model", str(model_dir), "--out", str(out),
+                     "--size", str(SIZE), "--device", "cpu", "--quiet", *extra])
+
+
+def check_outputs(out, capsys):
+    printed = capsys.readouterr().out
+    assert "scene: " in printed and "segments ->" in printed
+    count = int(printed.split("scene: ")[1].split(" segments")[0])
+    labels = np.asarray(Image.open(out / "scene_labels.png"))
+    overlay = np.asarray(Image.open(out / "scene_overlay.png"))
+    assert labels.shape == (SIZE, SIZE) and overlay.shape == (SIZE, SIZE, 3)
+    assert sorted(np.unique(labels).tolist()) == list(range(count))
+    segs = sorted(p.name for p in out.glob("scene_seg*.png"))
+    assert segs == [f"scene_seg{i:02d}.png" for i in range(count)]
+    masks = np.stack([np.asarray(Image.open(out / name)) for name in segs])
+    assert masks.shape == (count, SIZE, SIZE)
+    assert (masks > 127).sum(0).tolist() == np.ones((SIZE, SIZE), dtype=int).tolist()  # a partition
+    for i in range(count):
+        assert np.array_equal(masks[i] > 127, labels == i)
+    return count, labels
+
+
+def test_diffseg(model_dir, image_path, tmp_path, capsys):
+    assert segment(model_dir, image_path, tmp_path / "diffseg") == 0
+    count, _ = check_outputs(tmp_path / "diffseg", capsys)
+    assert count >= 1
+
+
+def test_emerdiff_fast(model_dir, image_path, tmp_path, capsys):
+    out = tmp_path / "emerdiff"
+    assert segment(model_dir, image_path, out, "--method", "emerdiff", "--clusters", "2",
+                   "--steps", "fast", "--seed", "3") == 0
+    count, labels = check_outputs(out, capsys)
+    assert 1 <= count <= 2
+    # deterministic for a fixed seed
+    assert segment(model_dir, image_path, tmp_path / "again", "--method", "emerdiff", "--clusters", "2",
+                   "--seed", "3") == 0
+    _, again = check_outputs(tmp_path / "again", capsys)
+    assert np.array_equal(labels, again)
+
+
+def test_diffseg_refined_by_the_mapper(model_dir, image_path, tmp_path, capsys):
+    out = tmp_path / "refined"
+    assert segment(model_dir, image_path, out, "--refine", "emerdiff", "--tau", "0.5") == 0
+    count, _ = check_outputs(out, capsys)
+    assert count >= 1
+
+
+def test_segment_one_uses_the_core_api(model_dir, image_path):
+    """The Segmentation behind the files: method, presets and cost bookkeeping."""
+    from emergent_seg.core.backends.loading import load_backend
+    from emergent_seg.core.images import fit_image, read_image
+
+    backend = load_backend(str(model_dir), "cpu")
+    image = fit_image(read_image(image_path), str(SIZE), backend.size_multiple()).unsqueeze(0)
+    parser_args = ["segment", "x", "--method", "emerdiff", "--clusters", "2"]
+    args = _parse(parser_args)
+    seg = cli._segment_one(backend, image, None, args, cli.Progress())
+    assert seg.method == "emerdiff" and seg.labels.shape == (1, SIZE, SIZE)
+    assert seg.info["steps"] == 1 and seg.info["difference"] == "one_sided" and seg.info["k"] == 2
+    assert seg.info["grid"] == [16, 16] and seg.info["evaluations"] == 1 + 3
+    args = _parse(["segment", "x", "--refine", "emerdiff", "--steps", "faithful", "--tau", "0.5"])
+    ref = cli._segment_one(backend, image, None, args, cli.Progress())
+    assert ref.method == "diffseg+mapper" and ref.info["steps"] == 15 and ref.info["difference"] == "symmetric"
+    with pytest.raises(cli.EmergentSegError, match="--refine kmeans"):
+        cli._segment_one(backend, image, None, _parse(["segment", "x", "--method", "emerdiff",
+                                                       "--refine", "kmeans"]), cli.Progress())
+
+
+def _parse(argv):
+    import argparse
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    cli.add_segment_args(sub.add_parser("segment"))
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def _error(capsys):
+    """The one ``error: ...`` line (library warnings may share stderr), with no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_unreadable_image(model_dir, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    assert segment(model_dir, bad, tmp_path / "o") == 2
+    assert "cannot read image" in _error(capsys)
+    assert segment(model_dir, tmp_path / "missing.png", tmp_path / "o") == 2
+    assert "does not exist" in _error(capsys)
+
+
+def test_size_not_a_multiple(model_dir, image_path, tmp_path, capsys):
+    code = cli.main(["segment", str(image_path), "--model", str(model_dir), "--out", str(tmp_path / "o"),
+                     "--size", "100", "--quiet", "--device", "cpu"])
+    assert code == 2
+    err = _error(capsys)
+    assert "100x100 is not a multiple of 8" in err and "use 96x96" in err
+
+
+def test_pickle_checkpoint_is_refused(image_path, tmp_path, capsys):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x04pickle")
+    assert cli.main(["segment", str(image_path), "--model", str(ckpt), "--out", str(tmp_path / "o"),
+                     "--quiet"]) == 2
+    err = _error(capsys)
+    assert "pickle checkpoint" in err and ".safetensors" in err
+
+
+def test_too_many_clusters(model_dir, image_path, tmp_path, capsys):
+    assert segment(model_dir, image_path, tmp_path / "o", "--method", "emerdiff", "--clusters", "300") == 2
+    assert "K = 300" in _error(capsys)
