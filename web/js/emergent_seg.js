@@ -18,6 +18,7 @@ import {
 const NODE_TYPE = "EmergentSegMaskOutput";
 const WIDGET_NAME = "emergent_seg_overlay";
 const STATE = "__emergentSegOverlay";
+const STOCK_PREVIEW = "$$canvas-image-preview"; // the frontend's image-preview widget
 
 function el(tag, style = {}, text = null) {
   const e = document.createElement(tag);
@@ -287,6 +288,25 @@ app.registerExtension({
       const r = onExecuted?.apply(this, arguments);
       onData(this, message);
       return r;
+    };
+
+    // The frontend would also draw the `images` output as its own (unclickable) preview under the
+    // node, a second copy of the overlay that squeezes the clickable one. Hide node.imgs from its
+    // background handler so it never adds that preview; imgs stay set for Open/Save Image.
+    const onDrawBackground = nodeType.prototype.onDrawBackground;
+    nodeType.prototype.onDrawBackground = function () {
+      const imgs = this.imgs;
+      this.imgs = undefined;
+      try {
+        return onDrawBackground?.apply(this, arguments);
+      } finally {
+        if (this.imgs === undefined) this.imgs = imgs;
+        const i = this.widgets?.findIndex((w) => w.name === STOCK_PREVIEW) ?? -1;
+        if (i >= 0) {
+          this.widgets[i].onRemove?.();
+          this.widgets.splice(i, 1);
+        }
+      }
     };
 
     const onRemoved = nodeType.prototype.onRemoved;

@@ -218,3 +218,24 @@ test("ComfyUI imports resolve from where the pack serves this file", () => {
   const paths = specs.map((s) => new URL(s, served).pathname);
   assert.deepEqual(paths.sort(), ["/extensions/emergent-seg/js/overlay_logic.js", "/scripts/api.js", "/scripts/app.js"]);
 });
+
+test("Mask Output: the frontend's duplicate image preview is suppressed, imgs are kept", async () => {
+  const { NodeType } = makeNodeType();
+  // What the frontend's own background handler does: adds its preview widget when imgs exist.
+  NodeType.prototype.onDrawBackground = function () {
+    if (!this.imgs?.length) return "no-imgs";
+    this.widgets.push({ name: "$$canvas-image-preview", onRemove: () => { this.previewRemoved = true; } });
+    return "preview";
+  };
+  await ext.beforeRegisterNodeDef(NodeType, { name: "EmergentSegMaskOutput" });
+  const node = makeNode(NodeType);
+  node.onNodeCreated();
+  node.imgs = ["img"];
+  assert.equal(node.onDrawBackground(), "no-imgs");
+  assert.deepEqual(node.imgs, ["img"]);
+  assert.ok(!node.widgets.some((w) => w.name === "$$canvas-image-preview"));
+  // a preview added by someone else is removed on the next draw
+  node.widgets.push({ name: "$$canvas-image-preview", onRemove: () => { node.previewRemoved = true; } });
+  node.onDrawBackground();
+  assert.ok(node.previewRemoved && !node.widgets.some((w) => w.name === "$$canvas-image-preview"));
+});
