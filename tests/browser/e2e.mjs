@@ -38,6 +38,15 @@ try {
       && window.app.extensions?.some((e) => e.name === "emergent_seg.overlay"),
     null, { timeout: 180000 });
   step("frontend up, extension registered");
+  // A new user gets the template browser on first start; close it and keep it closed.
+  await page.evaluate(async () => {
+    try { await window.app.extensionManager.setting.set("Comfy.TutorialCompleted", true); } catch { /* older frontend */ }
+  });
+  for (let k = 0; k < 10 && (await page.locator(".p-dialog-mask").count()) > 0; k++) {
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(500);
+  }
+  result.dialogsOpen = await page.locator(".p-dialog-mask").count();
 
   if (cfg.mode === "roundtrip") await roundTrip(page);
   else await runWorkflow(page);
@@ -132,33 +141,38 @@ async function makeThumbnail(page) {
       try { await window.app.extensionManager.setting.set(id, value); } catch { /* older frontend */ }
     }
   });
-  const clip = await page.evaluate(({ titles, view }) => {
-    const app = window.app;
-    app.canvas.deselectAll?.();
-    const nodes = app.graph.nodes.filter((n) => titles.includes(n.title));
-    const title = 30;
-    const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 10;
-    const y0 = Math.min(...nodes.map((n) => n.pos[1])) - title - 10;
-    const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 10;
-    const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 10;
-    const ds = app.canvas.ds;
-    const r = app.canvas.canvas.getBoundingClientRect();
-    ds.scale = Math.min(view.w / (x1 - x0), view.h / (y1 - y0), 1.5);
-    const w = (x1 - x0) * ds.scale;
-    const h = (y1 - y0) * ds.scale;
-    const left = view.x + (view.w - w) / 2;
-    const top = view.y + (view.h - h) / 2;
-    ds.offset[0] = (left - r.left) / ds.scale - x0;
-    ds.offset[1] = (top - r.top) / ds.scale - y0;
-    app.canvas.setDirty(true, true);
-    return { x: left, y: top, width: w, height: h, found: nodes.length };
-  }, { titles: cfg.thumbnail.nodes, view: { x: 90, y: 100, w: 1480, h: 800 } });
-  if (clip.found !== cfg.thumbnail.nodes.length) throw new Error(`thumbnail nodes: found ${clip.found} of ${cfg.thumbnail.nodes}`);
-  await page.mouse.move(5, 995);
-  await page.waitForTimeout(1500);
-  delete clip.found;
-  await page.screenshot({ path: cfg.thumbnail.png, clip });
-  result.thumbnail = cfg.thumbnail.png;
+  // One clip per group of node titles (cfg.thumbnail.groups), saved as cfg.thumbnail.png with _<k>.
+  result.thumbnails = [];
+  for (const [k, titles] of cfg.thumbnail.groups.entries()) {
+    const clip = await page.evaluate(({ titles, view }) => {
+      const app = window.app;
+      app.canvas.deselectAll?.();
+      const nodes = app.graph.nodes.filter((n) => titles.includes(n.title));
+      const title = 30;
+      const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 10;
+      const y0 = Math.min(...nodes.map((n) => n.pos[1])) - title - 10;
+      const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 10;
+      const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 10;
+      const ds = app.canvas.ds;
+      const r = app.canvas.canvas.getBoundingClientRect();
+      ds.scale = Math.min(view.w / (x1 - x0), view.h / (y1 - y0), 1.5);
+      const w = (x1 - x0) * ds.scale;
+      const h = (y1 - y0) * ds.scale;
+      const left = view.x + (view.w - w) / 2;
+      const top = view.y + (view.h - h) / 2;
+      ds.offset[0] = (left - r.left) / ds.scale - x0;
+      ds.offset[1] = (top - r.top) / ds.scale - y0;
+      app.canvas.setDirty(true, true);
+      return { x: left, y: top, width: w, height: h, found: nodes.length };
+    }, { titles, view: { x: 90, y: 100, w: 1480, h: 800 } });
+    if (clip.found !== titles.length) throw new Error(`thumbnail nodes: found ${clip.found} of ${titles}`);
+    await page.mouse.move(5, 995);
+    await page.waitForTimeout(1500);
+    delete clip.found;
+    const file = cfg.thumbnail.png.replace(/\.png$/, `_${k}.png`);
+    await page.screenshot({ path: file, clip });
+    result.thumbnails.push(file);
+  }
   result.screenshot = path.join(cfg.outDir, "thumbnail_full.png");
   await page.screenshot({ path: result.screenshot });
 }

@@ -19,7 +19,6 @@ tests/browser/e2e.mjs drives it:
 Screenshots go to the test's tmp folder (path printed) and /tmp/emergent_seg_browser.png.
 ``EMERGENT_SEG_THUMBNAILS=1`` also renders example_workflows/*.jpg from real runs.
 """
-import glob
 import json
 import os
 import shutil
@@ -74,6 +73,7 @@ def drive(config: dict, out_dir, timeout: float = 1500) -> dict:
     assert proc.returncode == 0 and lines, f"e2e.mjs failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     result = json.loads(lines[-1])
     assert result["ok"], f"{result.get('error')}\nsteps: {result['steps']}\nscreenshot: {result.get('screenshot')}"
+    assert result.get("dialogsOpen", 0) == 0, "a dialog covers the graph"
     ours = [e for e in result["pageErrors"] if "emergent_seg" in e or "overlay_logic" in e]
     assert ours == [], ours
     assert [r for r in result["failedRequests"] if "emergent_seg" in r] == []
@@ -152,26 +152,34 @@ def test_overlay_click_to_pick(server, tmp_path):
     assert rows(result["afterRequeue"]) == rows(after)
 
 
-THUMBNAILS = {   # workflow -> (node titles to show, widget overrides for the 256 px run)
-    "diffseg_segment": (["Mask Output", "Preview Image (each segment)"],
+THUMBNAILS = {   # workflow -> (groups of node titles, one panel each; widget overrides for the 256 px run)
+    "diffseg_segment": ([["Mask Output", "Preview Image (each segment)"]],
                         {"EmergentSegKLMerge": {"tau_quantile": 0.05}}),
-    "emerdiff_segment": (["Mask Output (low-res)", "Mask Output (pixel-sharp)"],
+    "emerdiff_segment": ([["Mask Output (low-res)", "Mask Output (pixel-sharp)"]],
                          {"EmergentSegLowResKMeans": {"clusters": 6}}),
-    "inpaint_segment": (["Mask Output", "Save Image"], {"EmergentSegKLMerge": {"tau_quantile": 0.05},
-                                                       "KSampler": {"steps": 2}}),
-    "diffseg_refined_by_mapper": (["Mask Output (DiffSeg)", "Mask Output (refined)"],
+    "inpaint_segment": ([["Mask Output"], ["Mask Preview (inpaint area)"], ["Save Image"]],
+                        {"EmergentSegKLMerge": {"tau_quantile": 0.05}, "KSampler": {"steps": 2}}),
+    "diffseg_refined_by_mapper": ([["Mask Output (DiffSeg)", "Mask Output (refined)"]],
                                   {"EmergentSegKLMerge": {"tau_quantile": 0.05}}),
 }
 
 
-def save_thumbnail(png: str, jpg: str, width: int = 640) -> None:
-    with Image.open(png) as im:
-        im = im.convert("RGB")
-        im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
-        for quality in (85, 78, 70, 60, 50):
-            im.save(jpg, "JPEG", quality=quality, optimize=True, progressive=True)
-            if os.path.getsize(jpg) < 95_000:
-                return
+def save_thumbnail(pngs: list, jpg: str, width: int = 640) -> None:
+    """The panels side by side at one height, ``width`` wide, as a JPEG under 95 kB."""
+    panels = [Image.open(p).convert("RGB") for p in pngs]
+    height = min(p.height for p in panels)
+    panels = [p.resize((round(p.width * height / p.height), height), Image.LANCZOS) for p in panels]
+    gap = 8
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), height), (32, 32, 32))
+    x = 0
+    for p in panels:
+        sheet.paste(p, (x, 0))
+        x += p.width + gap
+    sheet = sheet.resize((width, round(sheet.height * width / sheet.width)), Image.LANCZOS)
+    for quality in (85, 78, 70, 60, 50):
+        sheet.save(jpg, "JPEG", quality=quality, optimize=True, progressive=True)
+        if os.path.getsize(jpg) < 95_000:
+            return
     raise AssertionError(f"{jpg} is still {os.path.getsize(jpg)} bytes")
 
 
@@ -179,11 +187,9 @@ def save_thumbnail(png: str, jpg: str, width: int = 640) -> None:
                     reason="set EMERGENT_SEG_THUMBNAILS=1 to re-render example_workflows/*.jpg")
 @pytest.mark.parametrize("name", NAMES)
 def test_render_thumbnail(server, tmp_path, name):
-    titles, overrides = THUMBNAILS[name]
-    png = str(tmp_path / f"{name}.png")
-    drive({"url": server.url, "workflow": os.path.join(WORKFLOW_DIR, name + ".json"), "mode": "thumbnail",
-           "overrides": {"ImageScale": {"width": 256, "height": 256}, **overrides},
-           "thumbnail": {"nodes": titles, "png": png}}, tmp_path, timeout=2400)
-    save_thumbnail(png, os.path.join(WORKFLOW_DIR, name + ".jpg"))
+    groups, overrides = THUMBNAILS[name]
+    result = drive({"url": server.url, "workflow": os.path.join(WORKFLOW_DIR, name + ".json"),
+                    "mode": "thumbnail", "overrides": {"ImageScale": {"width": 256, "height": 256}, **overrides},
+                    "thumbnail": {"groups": groups, "png": str(tmp_path / f"{name}.png")}}, tmp_path, timeout=2400)
+    save_thumbnail(result["thumbnails"], os.path.join(WORKFLOW_DIR, name + ".jpg"))
     print(f"{name}: {os.path.getsize(os.path.join(WORKFLOW_DIR, name + '.jpg'))} bytes")
-    assert glob.glob(os.path.join(WORKFLOW_DIR, name + ".jpg"))
