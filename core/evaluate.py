@@ -66,7 +66,6 @@ one-segment        the whole image as one segment
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
 import sys
@@ -923,6 +922,14 @@ DEFAULT_QUANTILES = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_KS = (2, 3, 4, 5, 6, 8)
 
 
+def _round_sig(x: float, digits: int = 3) -> float:
+    """Round to ``digits`` significant digits, so data-derived thresholds do not depend on
+    float noise (e.g. the thread count)."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+
+
 def calibrate(backend: Backend, scenes: Sequence[Any], *, taus: Sequence[float] = DEFAULT_TAUS,
               quantiles: Sequence[float] = DEFAULT_QUANTILES, timesteps: Sequence[int] = (300,),
               emerdiff_ks: Sequence[int] = DEFAULT_KS, iterations: int = 3, anchors_per_side: int = 16,
@@ -972,13 +979,13 @@ def calibrate(backend: Backend, scenes: Sequence[Any], *, taus: Sequence[float] 
             progress.advance()
         # fixed taus: the given ones plus, per quantile, the median over scenes of that quantile's
         # per-scene threshold (so a fixed tau is tried on the scale of this model's KL values)
-        fixed = {round(float(v), 6) for v in taus}
+        fixed = {float(v) for v in taus}
         for q in quantiles:
             per_scene = [threshold_from_quantile(c.self_attention[0], c.grid, q, anchors_per_side)
                          for c in caps]
-            fixed.add(round(float(np.median(per_scene)), 6))
+            fixed.add(_round_sig(float(np.median(per_scene))))
 
-        def run(kind: str, value: float) -> float:
+        def run(kind: str, value: float, t: int = int(t), caps: list = caps) -> float:
             key = (int(t), kind, value)
             if key not in scores:
                 kw = {"tau": value} if kind == "tau" else {"tau_quantile": value}
@@ -996,13 +1003,12 @@ def calibrate(backend: Backend, scenes: Sequence[Any], *, taus: Sequence[float] 
         if refine and fixed:  # one round of finer steps around the best value of each kind
             best_tau = max(sorted(fixed), key=lambda v: run("tau", v))
             for f in (0.8, 0.9, 1.1, 1.25):
-                run("tau", round(best_tau * f, 6))
+                run("tau", _round_sig(best_tau * f))
             if quantiles:
                 best_q = max(quantiles, key=lambda q: run("tau_quantile", float(q)))
                 for d in (-0.05, -0.025, 0.025, 0.05):
                     if 0.0 < best_q + d <= 1.0:
                         run("tau_quantile", round(best_q + d, 4))
-        del caps
     mean = {k: float(np.mean(v)) for k, v in scores.items()}
     best = max(mean, key=lambda k: (mean[k], -list(mean).index(k)))
     t_best, kind, value = best

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -405,3 +404,35 @@ def test_mapper_steps_follow_the_quality_presets():
     assert V.mapper_steps(3) == V.mapper_steps("3") == {"steps": 3, "difference": "symmetric"}
     with pytest.raises(EmergentSegError, match="unknown quality"):
         V.mapper_steps("slow")
+
+
+def test_cli_eval_on_a_coco_folder_with_the_small_model(default_model, tmp_path):
+    """512 px evaluation images, 32 px model input, labels resized back to 512 for scoring."""
+    root = tmp_path / "coco"
+    root.mkdir()
+    (root / V.COCO_LIST).write_text("1\n2\n")
+    rng = np.random.RandomState(0)
+    for name in ("1", "2"):
+        _save(root / "val2017" / f"{name}.jpg", rng.randint(0, 255, (48, 64, 3)).astype(np.uint8))
+        fine = np.full((48, 64), 156, np.uint8)
+        fine[20:, :] = 0
+        _save(root / "annotation_val2017" / f"{name}.png", fine)
+    out = tmp_path / "coco.md"
+    assert cli.main(["eval", "--dataset", "coco-stuff-27", "--data", str(root), "--methods",
+                     "diffseg-fast,one-segment", "--out", str(out), "--quiet"]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["meta"]["images"] == 2 and data["meta"]["num_classes"] == 27 and data["meta"]["model_size"] == 32
+    assert "instance mIoU" not in out.read_text()
+    one = data["rows"][1]
+    assert one["per_image_acc"] > 0.5  # person fills most of the centre crop
+
+
+def test_cli_eval_passes_method_settings_through(default_model, tmp_path):
+    """The settings the README's evaluation variants use reach the run (and its JSON meta)."""
+    out = tmp_path / "t.md"
+    assert cli.main(["eval", "--scenes", "1", "--scene-seed", "7", "--methods", "diffseg-fast,emerdiff",
+                     "--clusters", "2", "--steps", "fast-symmetric", "--sigma", "1.5", "--tau", "0.2",
+                     "--out", str(out), "--quiet"]) == 0
+    text = out.read_text()
+    assert "K=2" in text and "mapper=fast-symmetric" in text and "sigma=1.50 px" in text
+    assert "tau=0.2," in text and "seeds 7..7" in text
