@@ -145,7 +145,7 @@ def _segment_one(backend, image: torch.Tensor, cond, args: argparse.Namespace, p
                                  image_size=size, progress=progress, **settings)
     seg = pipeline.segment_diffseg(backend, image, cond, _default_settings(backend, args), progress=progress)
     if args.refine == "emerdiff":
-        from .nodes.mapper import carry_words
+        from .core.emerdiff import carry_words
 
         latents = backend.encode(image)
         latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))

@@ -9,6 +9,7 @@ import torch
 from ..core import emerdiff as E
 from ..core.backend import check_size
 from ..core.errors import EmergentSegError
+from ..core.emerdiff import carry_words
 from ..core.segmentation import Segmentation
 from .inputs import conditioning_from, latent_size, latents_from, make_backend
 from .lowres_kmeans import SEED_MAX, SEED_TOOLTIP, on_cpu, site_text
@@ -139,47 +140,3 @@ def run(model: Any, vae: Any, image: torch.Tensor | None = None, latent: dict | 
     return NodeResult((out, summary))
 
 
-def _align(labels: torch.Tensor, count: int, grid: torch.Tensor, ids: torch.Tensor) -> list[int]:
-    """The raw low-res id behind each of ``count`` output segments (compact ids keep the raw ids'
-    order). Exact when every id kept pixels; otherwise the increasing assignment of ids to segments
-    with the most overlap between each segment and its id's upsampled cells."""
-    n_ids = int(ids.numel())
-    if count == n_ids:
-        return ids.tolist()
-    up = E.upsample_labels(grid.unsqueeze(0), tuple(labels.shape))[0]
-    pos = torch.searchsorted(ids, up.reshape(-1))
-    overlap = torch.bincount(labels.reshape(-1) * n_ids + pos, minlength=count * n_ids)
-    ov = overlap.view(count, n_ids).tolist()
-    neg = float("-inf")
-    # best[j][i]: most overlap placing segments < j on ids < i, strictly increasing
-    best = [[0.0] * (n_ids + 1)] + [[neg] * (n_ids + 1) for _ in range(count)]
-    for j in range(1, count + 1):
-        for i in range(j, n_ids + 1):
-            best[j][i] = max(best[j][i - 1], best[j - 1][i - 1] + ov[j - 1][i - 1])
-    chosen, i = [], n_ids
-    for j in range(count, 0, -1):
-        while best[j][i] == best[j][i - 1] and i > j:
-            i -= 1
-        chosen.append(i - 1)
-        i -= 1
-    return [int(ids[c]) for c in reversed(chosen)]
-
-
-def carry_words(source: Segmentation, lowres: torch.Tensor, result: Segmentation) -> Segmentation:
-    """Give the mapper's segments the words of the ``source`` segments they came from.
-
-    ``lowres`` is the ``[1 or B, h, w]`` grid of ``source``'s segment ids the mapper was given."""
-    if not source.words:
-        return result
-    words = []
-    for b in range(result.batch_size):
-        src = b if source.batch_size > 1 else 0
-        grid = lowres[b if lowres.shape[0] > 1 else 0].to(result.labels.device)
-        ids = torch.unique(grid)
-        raw = _align(result.labels[b], result.counts[b], grid, ids)
-        names = source.words[src]
-        words.append([names[r] if 0 <= r < len(names) else None for r in raw])
-    out = result.with_words(words)
-    if "words" in source.info:
-        out = replace(out, info={**out.info, "words": list(source.info["words"])})
-    return out
