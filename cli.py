@@ -76,26 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--scenes", type=int, default=8)
     demo.add_argument("--seed", type=int, default=1000)
     demo.add_argument("--quiet", action="store_true")
-    ev = sub.add_parser("eval", help="score methods (mIoU, pixel accuracy after Hungarian matching)")
-    ev.add_argument("--dataset", default="synthetic", help="synthetic | coco-stuff-27 | cityscapes")
-    ev.add_argument("--data", help="dataset root for COCO-Stuff / Cityscapes")
-    ev.add_argument("--model", help="model (default: the embedded tiny model)")
-    ev.add_argument("--scenes", type=int, default=200)
-    ev.add_argument("--methods", default="diffseg-fast,diffseg-parity,emerdiff,diffseg+mapper,random,color-kmeans,one-segment")
-    ev.add_argument("--out", default=None, help="write the table as markdown here")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of a dataset")
-    ev.add_argument("--scene-seed", type=int, default=None,
-                    help="first synthetic scene seed (default: the held-out range, 1e9)")
-    ev.add_argument("--tau", type=float, default=None, help="DiffSeg KL threshold (default: calibrated / 1.1)")
-    ev.add_argument("--tau-quantile", type=float, default=None, help="adaptive DiffSeg threshold instead of --tau")
-    ev.add_argument("--timestep", type=int, default=None, help="DiffSeg timestep (default: calibrated / 300)")
-    ev.add_argument("--clusters", type=int, default=None, help="EmerDiff K (default: calibrated / 20)")
-    ev.add_argument("--steps", default="fast",
-                    help="mapper quality: fast | faithful | fast-symmetric, or a number of denoising steps")
-    ev.add_argument("--sigma", type=float, default=None,
-                    help="mapper smoothing in model pixels (default: 4 px at 512 px, scaled to the model size)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of k-means and the mapper's noise")
-    ev.add_argument("--quiet", action="store_true")
+    from .core.evaluate import add_eval_arguments
+    add_eval_arguments(sub.add_parser("eval", help="score methods (mIoU, pixel accuracy after Hungarian matching)"))
     args = parser.parse_args(argv)
     try:
         if args.command == "segment":

@@ -873,6 +873,32 @@ def format_table(ev: Evaluation, title: str = "") -> str:
 # CLI
 # ---------------------------------------------------------------------------------------------
 
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``eval`` options, shared by ``python -m emergent_seg eval`` and this module's ``main``."""
+    parser.add_argument("--dataset", default="synthetic", help="synthetic | coco-stuff-27 | cityscapes")
+    parser.add_argument("--data", help="dataset root for COCO-Stuff / Cityscapes")
+    parser.add_argument("--model", help="model (default: the embedded tiny model)")
+    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--scene-seed", type=int, default=None,
+                        help="first synthetic scene seed (default: the held-out range, 1e9)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--out", default=None, help="write the table as markdown here")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of a dataset")
+    parser.add_argument("--tau", type=float, default=None, help="DiffSeg KL threshold (default: calibrated / 1.1)")
+    parser.add_argument("--tau-quantile", type=float, default=None,
+                        help="adaptive DiffSeg threshold instead of --tau")
+    parser.add_argument("--timestep", type=int, default=None, help="DiffSeg timestep (default: calibrated / 300)")
+    parser.add_argument("--clusters", type=int, default=None, help="EmerDiff K (default: calibrated / 20)")
+    parser.add_argument("--steps", default="fast",
+                        help="mapper quality: fast | faithful | fast-symmetric, or a number of denoising steps")
+    parser.add_argument("--sigma", type=float, default=None,
+                        help="mapper smoothing in model pixels (default: 4 px at 512 px, scaled to the model size)")
+    parser.add_argument("--size", type=int, default=None, help="model input side (default: native)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of k-means and the mapper's noise")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--quiet", action="store_true")
+
+
 def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
     """``python -m emergent_seg eval``: build the dataset and backend from ``args``, print the
     markdown table, write it to ``args.out`` (and the JSON next to it) when given."""
@@ -893,7 +919,9 @@ def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
     if backend is not None:
         settings = diffseg_settings(backend, getattr(args, "tau", None), getattr(args, "tau_quantile", None),
                                     timestep=getattr(args, "timestep", None), dataset=dataset.name)
-    opts = EmerDiffOptions(clusters=getattr(args, "clusters", None), steps=getattr(args, "steps", "fast") or "fast",
+    steps = getattr(args, "steps", "fast") or "fast"
+    steps = int(steps) if str(steps).isdigit() else steps
+    opts = EmerDiffOptions(clusters=getattr(args, "clusters", None), steps=steps,
                            sigma=getattr(args, "sigma", None), seed=int(getattr(args, "seed", 0) or 0))
     progress = bar() if bar is not None else None
     ev = evaluate(dataset, methods, backend, num_classes=dataset.num_classes, settings=settings, emerdiff=opts,
@@ -1093,26 +1121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m emergent_seg.core.evaluate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("eval", help="score methods (same as python -m emergent_seg eval, more options)")
-    ev.add_argument("--dataset", default="synthetic")
-    ev.add_argument("--data")
-    ev.add_argument("--model")
-    ev.add_argument("--scenes", type=int, default=200)
-    ev.add_argument("--scene-seed", type=int, default=None, help="first synthetic seed (default EVAL_SEED)")
-    ev.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    ev.add_argument("--out")
-    ev.add_argument("--limit", type=int)
-    ev.add_argument("--tau", type=float)
-    ev.add_argument("--tau-quantile", type=float)
-    ev.add_argument("--timestep", type=int)
-    ev.add_argument("--clusters", type=int, help="EmerDiff K (default: calibrated, else 20)")
-    ev.add_argument("--steps", default="fast",
-                    help="EmerDiff mapper quality: fast | faithful | fast-symmetric, or a number of steps")
-    ev.add_argument("--sigma", type=float, help="mapper smoothing in px (default 4 px scaled to the model size)")
-    ev.add_argument("--size", type=int, help="model input side (default: native)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device")
-    ev.add_argument("--quiet", action="store_true")
+    add_eval_arguments(sub.add_parser("eval", help="score methods (same as python -m emergent_seg eval)"))
     cal = sub.add_parser("calibrate", help="pick the fixture's DiffSeg defaults on training-range scenes")
     cal.add_argument("--weights", help="fixture weights folder (default fixture/weights)")
     cal.add_argument("--scenes", type=int, default=48)
@@ -1122,8 +1131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cal.add_argument("--verbose", action="store_true", help="print every candidate's score")
     cal.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    if getattr(args, "steps", None) is not None and str(args.steps).isdigit():
-        args.steps = int(args.steps)
     try:
         if args.command == "eval":
             run_eval(args, TerminalProgress("eval", not args.quiet))
