@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # The repository root is the package `emergent_seg`; make it importable without installation.
@@ -17,3 +18,14 @@ if "emergent_seg" not in sys.modules:
         spec.loader.exec_module(module)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
+    tiny models' ops are too small to gain from a second thread, and on a shared 2-core machine
+    OpenMP's spin-waiting second thread makes them many times slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

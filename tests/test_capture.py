@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from emergent_seg.core.attention import explicit_attention
 from emergent_seg.core.backend import PassHooks
-from emergent_seg.core.capture import capture_attention, proportional_weights
+from emergent_seg.core.capture import capture_attention
 from emergent_seg.core.errors import EmergentSegError, UnsupportedModelError
 from emergent_seg.core.backends.diffusers import DiffusersBackend
 from emergent_seg.core.sites import select, strides_of

@@ -25,14 +25,7 @@ from tiny_models import random_conditioning, tiny_backend
 HW = (32, 32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny UNet's ops are too small to gain from a second thread, and on the shared 2-core
-    machine OpenMP's spinning second thread doubles the wall time; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,7 @@ from core.kmeans import kmeans, kmeans_plus_plus, pairwise_sq_dist
 from tests.synthetic import same_partition
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test box has 2 shared cores: under contention OpenMP spin-waits make small tensor ops
-    # tens of times slower with 2 threads. Restored afterwards for other modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def blobs(n_per: int, centers: torch.Tensor, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

@@ -36,14 +36,7 @@ from tests.synthetic import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test box has 2 shared cores: under contention OpenMP spin-waits make small tensor ops
-    # tens of times slower with 2 threads. Restored afterwards for other modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def official_sampling_grid(num_of_points: int) -> np.ndarray:
     """google/diffseg ``generate_sampling_grid`` (hard-wired to 64), as (row, col) pairs."""

@@ -33,12 +33,7 @@ from test_comfy_backend import (_sample, one_sentence, sd1_conditioning,  # noqa
 SIZE = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vae(seed: int = 3):
