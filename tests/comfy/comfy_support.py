@@ -152,6 +152,20 @@ def load_sd15(path: str = SD15_CHECKPOINT):
     return out[0], out[1], out[2]
 
 
+def ksampler_run(model, clip, size: int):
+    """A function running one fixed KSampler call (seed 42, 1 euler step, CFG 7, "a photo" vs "")
+    on ``model`` from an empty ``size`` px latent, returning its samples: call it before and after
+    our nodes to prove the user's MODEL is unchanged."""
+    import nodes as comfy_nodes  # ComfyUI's nodes.py
+    pos = comfy_nodes.CLIPTextEncode().encode(clip, "a photo")[0]
+    neg = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
+
+    def sample() -> torch.Tensor:
+        return comfy_nodes.common_ksampler(model, 42, 1, 7.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+    return sample
+
+
 def independent_top_level_mean(model, latents, cond_ctx, timestep):
     """The finest-grid self-attention of an SD1.x UNet computed independently of the pack: a plain
     UNet forward with pre-hooks on each finest-grid ``attn1.to_q`` that take the hidden states and

@@ -18,7 +18,6 @@ import torch  # noqa: E402
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.utils  # noqa: E402
-import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py)
 
 from emergent_seg.core.errors import EmergentSegError, UnsupportedModelError  # noqa: E402
 from emergent_seg.nodes import capture as capture_node  # noqa: E402
@@ -233,12 +232,7 @@ def checkpoint():
 
 def test_sd15_checkpoint_kmeans_mapper_and_ksampler_unchanged(checkpoint):
     model, clip, vae = checkpoint
-    pos = comfy_nodes.CLIPTextEncode().encode(clip, "a photo")[0]
-    neg = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
-
-    def sample():
-        return comfy_nodes.common_ksampler(model, 42, 1, 7.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+    sample = cs.ksampler_run(model, clip, SIZE)
 
     before_options = untouched(model)
     before = sample()

@@ -10,7 +10,6 @@ cs.require_comfy()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py)
 
 from emergent_seg.core.words import label_words  # noqa: E402
 from emergent_seg.nodes import capture as capture_node  # noqa: E402
@@ -74,12 +73,7 @@ def test_capture_merge_masks_with_prompt_words(checkpoint):
 
 def test_ksampler_is_bit_identical_after_our_nodes(checkpoint):
     model, clip, vae = checkpoint
-    pos = comfy_nodes.CLIPTextEncode().encode(clip, "a photo")[0]
-    neg = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
-
-    def sample():
-        return comfy_nodes.common_ksampler(model, 42, 1, 7.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+    sample = cs.ksampler_run(model, clip, SIZE)
 
     before = sample()
     cap = capture_node.run(model, image=scene(), vae=vae, clip=clip, prompt="").outputs[0]
