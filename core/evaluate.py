@@ -253,7 +253,31 @@ def _first_existing(root: Path, candidates: Sequence[str]) -> Path | None:
     return None
 
 
-class CocoStuff27Dataset:
+class _LabelledFiles:
+    """What the file datasets share: ``items`` = ``(name, image path, label path)``, each pair
+    centre-cropped and resized to ``size``, then ``to_classes`` maps the stored label ids to the
+    benchmark's 27 classes."""
+
+    num_classes = 27
+    class_names: tuple[str, ...]
+    items: list[tuple[str, Path, Path]]
+    size: int
+
+    @staticmethod
+    def to_classes(labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for name, img_path, lab_path in self.items:
+            image, labels = centre_crop_resize(_read_rgb(img_path), _read_label(lab_path), self.size)
+            assert labels is not None
+            yield Sample(name, image, self.to_classes(labels))
+
+
+class CocoStuff27Dataset(_LabelledFiles):
     """COCO-Stuff-27, curated val2017 subset (2,175 images), as in google/diffseg.
 
     Accepted layouts under ``root`` (first match wins)::
@@ -265,6 +289,8 @@ class CocoStuff27Dataset:
     """
 
     name = "coco-stuff-27"
+    class_names = COCO_COARSE_NAMES
+    to_classes = staticmethod(coco_fine_to_coarse)
     LAYOUT = ("expected under {root}: the curated list Coco164kFull_Stuff_Coarse_7.txt (google/diffseg "
               "data/coco/, or curated/val2017/), COCO val2017 images in val2017/ or images/val2017/ "
               "(<id>.jpg) and the stuffthingmaps in annotation_val2017/, annotations/val2017/ or "
@@ -295,29 +321,20 @@ class CocoStuff27Dataset:
             raise EmergentSegError(f"COCO-Stuff-27: {len(absent)} listed files are missing (first: "
                                    f"{absent[0]}); {layout}")
         self.size = int(size)
-        self.class_names = COCO_COARSE_NAMES
-        self.num_classes = 27
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def describe(self) -> str:
         return f"COCO-Stuff-27 curated val2017 ({len(self)} images), centre crop + resize {self.size}"
 
-    def __iter__(self) -> Iterator[Sample]:
-        for name, img_path, lab_path in self.items:
-            image, fine = centre_crop_resize(_read_rgb(img_path), _read_label(lab_path), self.size)
-            assert fine is not None
-            yield Sample(name, image, coco_fine_to_coarse(fine))
 
-
-class CityscapesDataset:
+class CityscapesDataset(_LabelledFiles):
     """Cityscapes val (500 images), 27 classes (PiCIE protocol), as in google/diffseg.
 
     Layout under ``root``: ``leftImg8bit/val/<city>/<name>_leftImg8bit.png`` and
     ``gtFine/val/<city>/<name>_gtFine_labelIds.png``."""
 
     name = "cityscapes"
+    class_names = CITYSCAPES_NAMES
+    to_classes = staticmethod(cityscapes_to_27)
     LAYOUT = ("expected under {root}: leftImg8bit/val/<city>/<name>_leftImg8bit.png and "
               "gtFine/val/<city>/<name>_gtFine_labelIds.png (the official leftImg8bit_trainvaltest "
               "and gtFine_trainvaltest archives unpacked there)")
@@ -342,20 +359,9 @@ class CityscapesDataset:
                 raise EmergentSegError(f"Cityscapes: {gt} is missing for {p.name}; {layout}")
             self.items.append((stem, p, gt))
         self.size = int(size)
-        self.class_names = CITYSCAPES_NAMES
-        self.num_classes = 27
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def describe(self) -> str:
         return f"Cityscapes val ({len(self)} images), 27 classes, centre crop + resize {self.size}"
-
-    def __iter__(self) -> Iterator[Sample]:
-        for name, img_path, lab_path in self.items:
-            image, ids = centre_crop_resize(_read_rgb(img_path), _read_label(lab_path), self.size)
-            assert ids is not None
-            yield Sample(name, image, cityscapes_to_27(ids))
 
 
 def open_dataset(name: str, data: str | None = None, scenes: int = 200, limit: int | None = None,

@@ -10,10 +10,10 @@ from ..core.capture import DIFFSEG_TIMESTEP, capture_attention
 from ..core.errors import EmergentSegError
 from ..core.sites import AttentionSite
 from ..core.words import label_words
-from .inputs import conditioning_from, latents_from, make_backend
+from .inputs import IMAGE_SOURCE_INPUTS, conditioning_from, latents_from, make_backend
 from .inputs import stack_images  # noqa: F401  (re-exported)
-from .types import (ATTENTION, CLIP, CONDITIONING, IMAGE, INT, LATENT, MODEL, STRING, VAE, Input,
-                    NodeResult, NodeSpec, Output, host_progress)
+from .types import (ATTENTION, CLIP, CONDITIONING, INT, MODEL, STRING, Input, NodeResult, NodeSpec,
+                    Output, host_progress)
 
 SPEC = NodeSpec(
     node_id="EmergentSegCaptureAttention",
@@ -26,11 +26,7 @@ SPEC = NodeSpec(
         "(32 for SDXL)."),
     inputs=(
         Input("model", MODEL, "The diffusion model to read attention from (SD1.x, SD2.x or SDXL)."),
-        Input("image", IMAGE, "Images to segment; needs the VAE. All images of a batch have one size.",
-              optional=True),
-        Input("vae", VAE, "The checkpoint's VAE, used to encode the image.", optional=True),
-        Input("latent", LATENT, "An already encoded image (e.g. from VAE Encode), used instead of "
-              "image + VAE.", optional=True),
+        *IMAGE_SOURCE_INPUTS,
         Input("clip", CLIP, "The checkpoint's CLIP. Encodes the prompt, or the empty prompt DiffSeg "
               "uses when the prompt is blank. Needed unless conditioning is connected.", optional=True),
         Input("prompt", STRING, "Optional text for the pass, e.g. a caption of the image. Words of it "

@@ -13,6 +13,17 @@ import torch
 
 from ..core.backend import Conditioning, Progress, check_size
 from ..core.errors import EmergentSegError
+from .types import IMAGE, LATENT, VAE, Input
+
+#: The image source of a node that encodes its own image (Capture Attention, Low-Res KMeans):
+#: IMAGE + VAE, or an already encoded LATENT (see :func:`latents_from`).
+IMAGE_SOURCE_INPUTS: tuple[Input, ...] = (
+    Input("image", IMAGE, "Images to segment; needs the VAE. All images of a batch have one size.",
+          optional=True),
+    Input("vae", VAE, "The checkpoint's VAE, used to encode the image.", optional=True),
+    Input("latent", LATENT, "An already encoded image (e.g. from VAE Encode), used instead of "
+          "image + VAE.", optional=True),
+)
 
 
 def make_backend(model: Any, vae: Any = None, clip: Any = None, progress: Progress | None = None,

@@ -11,9 +11,9 @@ from ..core.backend import check_size
 from ..core.errors import EmergentSegError
 from ..core.segmentation import Segmentation
 from ..core.sites import AttentionSite
-from .inputs import conditioning_from, latent_size, latents_from, make_backend
-from .types import (CLIP, CONDITIONING, IMAGE, INT, LATENT, MODEL, SEGMENTATION, STRING, VAE, Input,
-                    NodeResult, NodeSpec, Output, host_progress)
+from .inputs import IMAGE_SOURCE_INPUTS, conditioning_from, latent_size, latents_from, make_backend
+from .types import (CLIP, CONDITIONING, INT, MODEL, SEGMENTATION, STRING, Input, NodeResult, NodeSpec,
+                    Output, host_progress)
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 # Not named "seed": the frontend gives INT inputs named seed/noise_seed a "control after generate"
@@ -33,11 +33,7 @@ SPEC = NodeSpec(
         "itself is not changed. Image sides must be multiples of 64 (32 for SDXL)."),
     inputs=(
         Input("model", MODEL, "The diffusion model to read features from (SD1.x, SD2.x or SDXL)."),
-        Input("image", IMAGE, "Images to segment; needs the VAE. All images of a batch have one size.",
-              optional=True),
-        Input("vae", VAE, "The checkpoint's VAE, used to encode the image.", optional=True),
-        Input("latent", LATENT, "An already encoded image (e.g. from VAE Encode), used instead of "
-              "image + VAE.", optional=True),
+        *IMAGE_SOURCE_INPUTS,
         Input("clip", CLIP, "The checkpoint's CLIP. Encodes the prompt, or the empty prompt EmerDiff "
               "uses when the prompt is blank. Needed unless conditioning is connected.", optional=True),
         Input("prompt", STRING, "Optional text for the pass. Blank = the empty prompt (EmerDiff's "
