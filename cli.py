@@ -41,7 +41,7 @@ class TerminalProgress:
 
 def add_segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="*", help="image files (PNG/JPEG/WebP); none with the default model = generated scenes")
-    p.add_argument("--model", help="diffusers folder or SD1.x .safetensors; default: the embedded tiny model")
+    p.add_argument("--model", help="diffusers folder or SD1.x .safetensors; default: the embedded miniature SD (256 px)")
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--method", choices=["diffseg", "emerdiff"], default="diffseg",
                    help="diffseg: one UNet pass + KL merge; emerdiff: k-means on 16x16 queries + modulated denoising")
@@ -54,13 +54,22 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchors", type=int, default=16, help="anchors per side of the grid (official 16)")
     p.add_argument("--mode", choices=["fast", "parity"], default="fast",
                    help="fast: matrix-product merge; parity: reproduces the official code to the pixel")
-    p.add_argument("--timestep", type=int, default=300, help="timestep of the capture pass (official 300)")
+    p.add_argument("--timestep", type=int, default=None,
+                   help="timestep of the capture pass (default: the model's stored value, else the official 300)")
     p.add_argument("--prompt", default="", help="prompt for the pass; words label the segments")
-    p.add_argument("--size", default=None,
-                   help="512 = centre-crop square (official), 768x512 = width x height, keep = keep aspect")
-    p.add_argument("--clusters", type=int, default=20, help="EmerDiff: number of low-res k-means clusters K")
-    p.add_argument("--steps", choices=["fast", "faithful"], default="fast",
-                   help="EmerDiff mapper: fast = one step + x0 decode, faithful = 15 DDIM steps from t=281")
+    p.add_argument("--size", default="auto",
+                   help="auto (default) = the whole image, aspect kept, at the model's native area, outputs at "
+                        "the original size; 512 = centre-crop square (official); 768x512 = width x height; "
+                        "keep = the image's own size rounded to the model's grid")
+    p.add_argument("--clusters", type=int, default=None,
+                   help="EmerDiff: number of low-res k-means clusters K (default: the model's stored value, else 20)")
+    p.add_argument("--steps", choices=["fast", "faithful", "fast-symmetric"], default=None,
+                   help="EmerDiff mapper: fast = one step + x0 decode, faithful = 15 DDIM steps from t=281, "
+                        "fast-symmetric = one step, the paper's symmetric difference (default: the model's "
+                        "stored preset, else fast)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="EmerDiff mapper smoothing in pixels of the processed image (default: the model's "
+                        "stored value, else 4 px at 512 px)")
     p.add_argument("--seed", type=int, default=0, help="seed for k-means and noise")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -71,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="Segment images with a Stable Diffusion UNet (DiffSeg, EmerDiff).")
     sub = parser.add_subparsers(dest="command", required=True)
     add_segment_args(sub.add_parser("segment", help="segment images; writes label maps, masks and overlays"))
-    demo = sub.add_parser("demo", help="run the embedded tiny model on generated scenes and write a report")
+    demo = sub.add_parser("demo", help="run the embedded miniature SD on generated scenes and write a report")
     demo.add_argument("--out", default="out/demo")
     demo.add_argument("--scenes", type=int, default=8)
     demo.add_argument("--seed", type=int, default=1000)
@@ -96,13 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _default_settings(backend: object, args: argparse.Namespace):
     from .core.pipeline import DiffSegSettings
 
-    calibration = getattr(backend, "calibration", {}) or {}
+    from .core.defaults import diffseg_threshold, diffseg_timestep
+
     tau, quantile = args.tau, args.tau_quantile
     if tau is None and quantile is None:
-        # The fixture ships calibrated defaults; SD models use the paper's COCO value.
-        tau = calibration.get("tau", None if "tau_quantile" in calibration else 1.1)
-        quantile = calibration.get("tau_quantile") if tau is None else None
-    return DiffSegSettings(timestep=args.timestep, tau=tau, tau_quantile=quantile, iterations=args.iterations,
+        tau, quantile = diffseg_threshold(backend)
+    timestep = args.timestep if args.timestep is not None else diffseg_timestep(backend)
+    return DiffSegSettings(timestep=timestep, tau=tau, tau_quantile=quantile, iterations=args.iterations,
                            anchors_per_side=args.anchors, mode=args.mode, refine=args.refine == "kmeans")
 
 
@@ -118,12 +127,17 @@ def _segment_one(backend, image: torch.Tensor, cond, args: argparse.Namespace, p
     if args.method == "emerdiff" and args.refine == "kmeans":
         raise EmergentSegError("--refine kmeans is DiffSeg's refinement; EmerDiff's result is already "
                                "pixel-sharp, so drop --refine or use --method diffseg")
-    settings = emerdiff.preset(args.steps)
+    from .core.defaults import emerdiff_defaults
+
     size = (int(image.shape[-2]), int(image.shape[-1]))
+    defaults = emerdiff_defaults(backend, int(round((size[0] * size[1]) ** 0.5)))
+    settings = emerdiff.preset(args.steps or defaults.quality)
+    settings["sigma"] = defaults.sigma if args.sigma is None else float(args.sigma)
+    clusters = defaults.clusters if args.clusters is None else int(args.clusters)
     if args.method == "emerdiff":
         pipeline.check_images(backend, image)
         latents = backend.encode(image)
-        return emerdiff.emerdiff(backend, latents, k=args.clusters, cond=cond, seed=args.seed,
+        return emerdiff.emerdiff(backend, latents, k=clusters, cond=cond, seed=args.seed,
                                  image_size=size, progress=progress, **settings)
     seg = pipeline.segment_diffseg(backend, image, cond, _default_settings(backend, args), progress=progress)
     if args.refine == "emerdiff":
@@ -142,45 +156,59 @@ def _segment_one(backend, image: torch.Tensor, cond, args: argparse.Namespace, p
 
 
 def write_outputs(out: Path, stem: str, image: torch.Tensor, seg) -> list[Path]:
-    """``<stem>_labels.png``, ``<stem>_overlay.png`` and ``<stem>_segNN.png`` per segment."""
+    """``<stem>_labels.png``, ``<stem>_overlay.png`` and ``<stem>_segNN.png`` per segment, at the
+    size of ``image`` ``[1,3,H,W]`` (labels resized nearest when the segmentation is smaller).
+    Masks are written one at a time as 8-bit images, so a 12-megapixel photo stays cheap."""
     from .core.images import save_png
-    from .core.masks import render_overlay, segment_masks
+    from .core.masks import render_overlay
+    from .core.segmentation import Segmentation
 
     out.mkdir(parents=True, exist_ok=True)
+    hw = tuple(int(v) for v in image.shape[-2:])
+    labels = seg.labels[0]
+    if tuple(labels.shape) != hw:
+        labels = torch.nn.functional.interpolate(labels[None, None].to(torch.float32), size=hw,
+                                                 mode="nearest-exact")[0, 0].to(torch.uint8 if seg.counts[0] <= 256
+                                                                                  else torch.int64)
+        seg = Segmentation(labels.unsqueeze(0).to(torch.int64), seg.counts, seg.words, None, seg.method, seg.info)
     written = [out / f"{stem}_labels.png", out / f"{stem}_overlay.png"]
-    save_png(seg.labels[0], written[0])
+    save_png(labels, written[0])
     save_png(render_overlay(image, seg)[0].permute(1, 2, 0), written[1])
-    masks, _ = segment_masks(seg)
-    for i, mask in enumerate(masks):
+    for i in range(seg.counts[0]):
         path = out / f"{stem}_seg{i:02d}.png"
-        save_png(mask, path)
+        save_png((labels == i).to(torch.uint8) * 255, path)
         written.append(path)
     return written
 
 
 def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
     from .core.backends.loading import load_backend
-    from .core.images import fit_image, read_image
+    from .core.images import fit_image, native_side, parse_size, read_image
 
+    parse_size(args.size)  # a bad --size fails before the model loads
     backend = load_backend(args.model, args.device)
-    images: list[tuple[str, torch.Tensor]] = []
+    native = native_side(backend)
+    sources: list[tuple[str, object]] = []
     if not args.images:
         if args.model:
             raise EmergentSegError("give at least one image to segment")
         from .fixture.scenes import make_scenes
-        size = int(backend.calibration.get("config", {}).get("image_size", 32))
-        images = [(f"scene{i:02d}", s.image) for i, s in enumerate(make_scenes(4, seed=1000, size=size))]
+        sources = [(f"scene{i:02d}", s.image) for i, s in enumerate(make_scenes(4, seed=1000, size=native))]
     else:
-        default_size = "keep" if args.model is None else "512"
-        for path in args.images:
-            image = fit_image(read_image(path), args.size or default_size, backend.size_multiple())
-            images.append((Path(path).stem, image))
+        sources = [(Path(path).stem, path) for path in args.images]
     cond = backend.encode_prompt(args.prompt) if args.prompt else None
     out = Path(args.out)
-    for stem, image in images:
+    auto = str(args.size).lower() in ("auto", "keep")
+    for stem, source in sources:
+        original = read_image(source) if not isinstance(source, torch.Tensor) else source
+        image = fit_image(original, args.size, backend.size_multiple(), native)
         seg = _segment_one(backend, image.unsqueeze(0), cond, args, bar())
-        written = write_outputs(out, stem, image.unsqueeze(0), seg)
-        print(f"{stem}: {seg.counts[0]} segments -> {written[1]}")
+        # auto/keep: masks at the photo's own resolution; fixed sizes: at the cropped size
+        target = original if auto else image
+        del image
+        written = write_outputs(out, stem, target.unsqueeze(0), seg)
+        n = seg.counts[0]
+        print(f"{stem}: {n} segment{'s' if n != 1 else ''} -> {written[1]}")
 
 
 def _nearest_upscale(image: torch.Tensor, factor: int) -> torch.Tensor:
@@ -190,7 +218,7 @@ def _nearest_upscale(image: torch.Tensor, factor: int) -> torch.Tensor:
 
 _DEMO_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:6px;text-align:center;vertical-align:middle}
-img{image-rendering:pixelated;width:192px;height:192px}td.caption{max-width:16em;text-align:left}
+img{width:256px;height:256px}td.caption{max-width:16em;text-align:left}
 .summary{margin-bottom:1em}code{background:#f3f3f3;padding:1px 4px}"""
 
 
@@ -217,17 +245,35 @@ def _demo_html(rows: list[dict], summary: dict) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>emergent-seg demo</title>
 <style>{_DEMO_CSS}</style></head><body>
-<h1>emergent-seg demo: DiffSeg on the embedded tiny model</h1>
+<h1>emergent-seg demo: DiffSeg on the embedded miniature SD</h1>
 <div class="summary"><p>{len(rows)} generated scenes (seeds {summary['first_seed']}..{summary['last_seed']},
-{summary['size']} px, shown enlarged). Mean instance mIoU (Hungarian-matched per scene):
+{summary['size']} px). Ground truth is drawn in the colours (and numbers) of the predicted segments it is matched to (Hungarian). Mean instance mIoU (Hungarian-matched per scene):
 <b>{summary['mean_miou']:.3f}</b>. Settings: <code>{escape(settings)}</code>.
 Model: {escape(summary['model'])}. Time: {summary['seconds']:.1f} s.</p></div>
 <table><thead><tr><th>scene</th><th>caption</th><th>image</th><th>segments (DiffSeg)</th>
-<th>ground truth</th><th>segments found / true</th><th>mIoU</th></tr></thead>
+<th>ground truth (matched colours)</th><th>segments found / true</th><th>mIoU</th></tr></thead>
 <tbody>
 {chr(10).join(body)}
 </tbody></table></body></html>
 """
+
+
+def matched_colours(pred: torch.Tensor, truth: torch.Tensor) -> list[int]:
+    """Per ground-truth segment (ids ``0..m-1`` of ``truth``), the index of the predicted segment
+    it is matched to by the Hungarian matching on pixel overlap, so the report draws both in the
+    same colour; unmatched truth segments get indices after the last predicted one."""
+    from .core.metrics import hungarian
+
+    n_pred, n_true = int(pred.max()) + 1, int(truth.max()) + 1
+    overlap = torch.zeros(n_true, n_pred, dtype=torch.float64)
+    overlap.index_put_((truth.reshape(-1), pred.reshape(-1)), torch.ones(pred.numel(), dtype=torch.float64),
+                       accumulate=True)
+    rows, cols = hungarian(overlap.numpy(), maximize=True)
+    out = list(range(n_pred, n_pred + n_true))
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        out[r] = int(c)
+    spare = iter(range(n_pred, n_pred + n_true))
+    return [c if c < n_pred else next(spare) for c in out]
 
 
 def run_demo(args: argparse.Namespace, bar: TerminalProgress) -> None:
@@ -235,14 +281,7 @@ def run_demo(args: argparse.Namespace, bar: TerminalProgress) -> None:
     writes ``sceneNN_{image,overlay,gt}.png``, ``summary.json`` and ``index.html`` into ``--out``."""
     if args.scenes < 1:
         raise EmergentSegError(f"--scenes must be at least 1, got {args.scenes}")
-    threads = torch.get_num_threads()
-    # The 32 px model's ops are too small to gain from threads, and on a busy machine extra
-    # threads make them an order of magnitude slower (measured: 1.8 s vs 22 s for 8 scenes).
-    torch.set_num_threads(1)
-    try:
-        _demo(args, bar)
-    finally:
-        torch.set_num_threads(threads)
+    _demo(args, bar)
 
 
 def _demo(args: argparse.Namespace, bar: TerminalProgress) -> None:
@@ -263,7 +302,7 @@ def _demo(args: argparse.Namespace, bar: TerminalProgress) -> None:
     size = model_size(backend)
     settings = diffseg_settings(backend)
     scenes = make_scenes(args.scenes, seed=args.seed, size=size)
-    factor = max(1, 192 // size)
+    factor = max(1, 256 // size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = bar()
@@ -278,14 +317,15 @@ def _demo(args: argparse.Namespace, bar: TerminalProgress) -> None:
         save_png(big[0].permute(1, 2, 0), out / names["image"])
         save_png(render_overlay(big, seg)[0].permute(1, 2, 0), out / names["overlay"])
         truth = Segmentation.from_labels(scene.labels.unsqueeze(0), method="ground truth")
-        save_png(render_overlay(big, truth)[0].permute(1, 2, 0), out / names["gt"])
+        save_png(render_overlay(big, truth, colour_index=[matched_colours(seg.labels[0], truth.labels[0])])[0]
+                 .permute(1, 2, 0), out / names["gt"])
         rows.append({"name": f"{stem} (seed {scene.seed})", "caption": scene.caption, **names,
                      "segments": seg.counts[0], "true_segments": scene.num_instances + 1,
                      "miou": score["miou"]})
         progress.advance()
     mean = sum(r["miou"] for r in rows) / len(rows)
     summary = {"mean_miou": mean, "scenes": len(rows), "first_seed": scenes[0].seed,
-               "last_seed": scenes[-1].seed, "size": size, "model": "embedded tiny model (fixture/weights)",
+               "last_seed": scenes[-1].seed, "size": size, "model": "embedded miniature SD (fixture/weights)",
                "settings": {"timestep": settings.timestep, "tau": settings.tau,
                             "tau_quantile": settings.tau_quantile, "mode": settings.mode},
                "seconds": time.perf_counter() - start}

@@ -85,9 +85,13 @@ DifferenceMode = Literal["symmetric", "one_sided"]
 
 # --- defaults and their provenance -----------------------------------------------------------
 #: Token-grid side of the decoder block that gives features and takes the modulation. The paper
-#: uses SD1.x's 16x16 block at 512 px [secondary]; at other sizes we pick the decoder grid whose
-#: side is nearest to 16 (in log scale) -- the grid, not the block index, is what the paper names.
-DEFAULT_GRID = 16
+#: uses SD1.x's 16x16 block at 512 px [secondary], i.e. the grid at 1/32 of the image side. 0 (the
+#: default) = that ratio at any size and model: the decoder grid nearest to image side / 32
+#: (16x16 for SD1.x at 512 px, 32x32 for SDXL at 1024 px, 8x8 for the embedded 256 px model). A
+#: positive value asks for the decoder grid nearest to that side instead.
+DEFAULT_GRID = 0
+#: The paper's feature grid as a fraction of the image side (16 / 512).
+GRID_FRACTION = 1 / 32
 #: Which spatial transformer of that grid's decoder blocks (0 = first). "First cross-attention
 #: layer" for the features is [secondary]; the modulated layer is unknown (Fig. 14 compares the
 #: three) [unverified] -- we use the same first layer.
@@ -166,7 +170,7 @@ def choose_site(backend: Backend | Sequence[AttentionSite], latent_hw: tuple[int
 
     Among the sites with stage ``"up"`` and kind ``"cross"``, take the resolution whose token grid
     at ``latent_hw`` is nearest to ``grid`` (by log of the geometric-mean side; ties go to the
-    coarser grid), then the ``layer``-th spatial transformer of that resolution (in execution
+    coarser grid; ``grid = 0``: nearest to 1/32 of the image side, :data:`GRID_FRACTION`), then the ``layer``-th spatial transformer of that resolution (in execution
     order) and its ``depth``-th transformer block. ``site.grid(latent_hw)`` tells which grid was
     used.
 
@@ -182,6 +186,9 @@ def choose_site(backend: Backend | Sequence[AttentionSite], latent_hw: tuple[int
             "this UNet has no cross-attention layers in its decoder, so EmerDiff has no layer to "
             "read queries from or to modulate; use an SD1.x/SD2.x/SDXL UNet")
     th, tw = _as_grid(grid)
+    if th <= 0 or tw <= 0:  # auto: the paper's ratio of grid to image side
+        scale = int(getattr(backend, "latent_scale", 8))
+        th, tw = (max(1.0, side * scale * GRID_FRACTION) for side in latent_hw)
     target = math.log2(math.sqrt(th * tw))
 
     def distance(stride: int) -> tuple[float, int]:

@@ -387,9 +387,10 @@ def open_dataset(name: str, data: str | None = None, scenes: int = 200, limit: i
 # ---------------------------------------------------------------------------------------------
 
 def model_size(backend: Backend) -> int:
-    """Native square input side: the fixture's trained size, else 512 (SD1.x)."""
-    config = (getattr(backend, "calibration", None) or {}).get("config", {})
-    return int(config.get("image_size", EVAL_SIZE))
+    """Native square input side (``core.images.native_side``: the embedded model's 256, SD1.x 512)."""
+    from .images import native_side
+
+    return native_side(backend)
 
 
 def diffseg_settings(backend: Backend, tau: float | None = None, tau_quantile: float | None = None,
@@ -397,15 +398,11 @@ def diffseg_settings(backend: Backend, tau: float | None = None, tau_quantile: f
                      dataset: str = "synthetic") -> DiffSegSettings:
     """The settings a run uses: explicit ``tau``/``tau_quantile``, else the model's stored
     calibration (the fixture), else the paper's tau (1.1 COCO, 0.9 Cityscapes)."""
-    calibration = getattr(backend, "calibration", None) or {}
+    from .defaults import diffseg_threshold, diffseg_timestep
+
     if tau is None and tau_quantile is None:
-        if "tau" in calibration:
-            tau = float(calibration["tau"])
-        elif "tau_quantile" in calibration:
-            tau_quantile = float(calibration["tau_quantile"])
-        else:
-            tau = 0.9 if dataset == "cityscapes" else 1.1
-    t = int(timestep if timestep is not None else calibration.get("timestep", 300))
+        tau, tau_quantile = diffseg_threshold(backend, dataset)
+    t = int(timestep if timestep is not None else diffseg_timestep(backend))
     return DiffSegSettings(timestep=t, tau=tau, tau_quantile=tau_quantile, mode=mode, refine=refine)
 
 
@@ -520,11 +517,12 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
 @dataclass
 class EmerDiffOptions:
     """EmerDiff settings of a run. ``steps``: a mapper quality preset (fast | faithful |
-    fast-symmetric, see ``core.emerdiff.QUALITY_PRESETS``) or a number of steps. ``sigma=None`` scales the library's 4 px at 512 px to the model
-    size (the smoothing is meant for 32 px cells; the shipped model's cells are 2 px)."""
+    fast-symmetric, see ``core.emerdiff.QUALITY_PRESETS``) or a number of steps; ``None`` = the
+    model's stored default, else fast. ``sigma=None``: the model's stored value, else the
+    library's 4 px at 512 px scaled to the model size."""
 
     clusters: int | None = None
-    steps: str | int = "fast"
+    steps: str | int | None = None
     sigma: float | None = None
     lam: float = 10.0
     seed: int = 0
@@ -699,11 +697,12 @@ class _Runner:
         self.emerdiff = emerdiff
         self.seed = seed
         self.random = random_backend(backend, seed) if needs_random and backend is not None else None
-        calibration = (getattr(backend, "calibration", None) or {}) if backend is not None else {}
-        self.emerdiff_k = int(emerdiff.clusters or calibration.get("emerdiff_k", 0) or
-                              (5 if "config" in calibration else 20))
-        from .emerdiff import DEFAULT_SIGMA
-        self.sigma = float(emerdiff.sigma if emerdiff.sigma is not None else DEFAULT_SIGMA * size / 512)
+        from .defaults import emerdiff_defaults
+        defaults = emerdiff_defaults(backend, size)
+        self.emerdiff_k = int(emerdiff.clusters or defaults.clusters)
+        self.sigma = float(emerdiff.sigma if emerdiff.sigma is not None else defaults.sigma)
+        if emerdiff.steps is None:
+            self.emerdiff = replace(emerdiff, steps=defaults.quality)
 
 
 @dataclass
@@ -895,8 +894,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="adaptive DiffSeg threshold instead of --tau")
     parser.add_argument("--timestep", type=int, default=None, help="DiffSeg timestep (default: calibrated / 300)")
     parser.add_argument("--clusters", type=int, default=None, help="EmerDiff K (default: calibrated / 20)")
-    parser.add_argument("--steps", default="fast",
-                        help="mapper quality: fast | faithful | fast-symmetric, or a number of denoising steps")
+    parser.add_argument("--steps", default=None,
+                        help="mapper quality: fast | faithful | fast-symmetric, or a number of denoising steps "
+                             "(default: the model's stored default, else fast)")
     parser.add_argument("--sigma", type=float, default=None,
                         help="mapper smoothing in model pixels (default: 4 px at 512 px, scaled to the model size)")
     parser.add_argument("--size", type=int, default=None, help="model input side (default: native)")
@@ -925,8 +925,8 @@ def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
     if backend is not None:
         settings = diffseg_settings(backend, getattr(args, "tau", None), getattr(args, "tau_quantile", None),
                                     timestep=getattr(args, "timestep", None), dataset=dataset.name)
-    steps = getattr(args, "steps", "fast") or "fast"
-    steps = int(steps) if str(steps).isdigit() else steps
+    steps = getattr(args, "steps", None)
+    steps = int(steps) if steps is not None and str(steps).isdigit() else steps
     opts = EmerDiffOptions(clusters=getattr(args, "clusters", None), steps=steps,
                            sigma=getattr(args, "sigma", None), seed=int(getattr(args, "seed", 0) or 0))
     progress = bar() if bar is not None else None
@@ -1078,13 +1078,13 @@ def calibrate(backend: Backend, scenes: Sequence[Any], *, taus: Sequence[float] 
 
 
 def write_calibration(directory: str | Path, calibration: dict) -> Path:
-    """Merge ``calibration`` into ``directory/config.json["calibration"]`` (the fixture's
-    ``load_fixture`` returns that dict; ``cli._default_settings`` reads ``tau``/``tau_quantile``).
-    A stale ``tau``/``tau_quantile`` is removed so exactly one threshold is stored."""
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        raise EmergentSegError(f"{path} does not exist; calibrate a fixture weights folder")
-    config = json.loads(path.read_text())
+    """Merge ``calibration`` into ``directory/emergent_seg.json["calibration"]`` (a model folder's
+    stored defaults, read by ``core.backends.loading`` into ``backend.calibration``). A stale
+    ``tau``/``tau_quantile`` is removed so exactly one threshold is stored."""
+    path = Path(directory) / "emergent_seg.json"
+    if not (Path(directory) / "unet").exists():
+        raise EmergentSegError(f"{directory} is not a model folder (no unet/); calibrate a trained model folder")
+    config = json.loads(path.read_text()) if path.exists() else {}
     stored = dict(config.get("calibration", {}))
     for key in ("tau", "tau_quantile"):
         stored.pop(key, None)
@@ -1095,15 +1095,11 @@ def write_calibration(directory: str | Path, calibration: dict) -> Path:
 
 
 def _run_calibrate(args: argparse.Namespace, bar: Any = None) -> dict:
-    from ..fixture.backend import load_fixture_backend
-    from ..fixture.model import DEFAULT_DIR
     from ..fixture.scenes import make_scenes
+    from .backends.loading import EMBEDDED_MODEL, load_backend
 
-    directory = Path(args.weights or DEFAULT_DIR)
-    try:
-        backend = load_fixture_backend(directory)
-    except FileNotFoundError as exc:
-        raise EmergentSegError(f"{exc}; train the fixture first (python -m emergent_seg.fixture.train)") from None
+    directory = Path(args.weights or EMBEDDED_MODEL)
+    backend = load_backend(directory)
     size = model_size(backend)
     scenes = make_scenes(args.scenes, seed=args.seed, size=size)
     timesteps = tuple(int(t) for t in str(args.timesteps).split(","))

@@ -1,6 +1,7 @@
 """Reading images and fitting them to a UNet's size grid (pure torch + PIL for file decoding)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,27 @@ def read_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
+def native_side(backend: object) -> int:
+    """The square side a model was trained at: the stored default (``calibration["native_size"]``,
+    the embedded model's 256), else the UNet's ``sample_size`` times the VAE factor (SD1.x 512,
+    SD2.x-v 768, SDXL 1024), else 512."""
+    calibration = getattr(backend, "calibration", None) or {}
+    if calibration.get("native_size"):
+        return int(calibration["native_size"])
+    config = getattr(getattr(backend, "unet", None), "config", None)
+    sample = getattr(config, "sample_size", None)
+    if isinstance(sample, int) and sample > 0:
+        return int(sample) * int(getattr(backend, "latent_scale", 8))
+    return 512
+
+
 def parse_size(spec: str | int | None) -> tuple[str, tuple[int, int] | None]:
-    """``"512"`` -> centre-crop square (the official preprocessing); ``"768x512"`` (W x H) ->
-    centre-crop to that aspect and resize; ``"keep"`` -> keep the aspect, round to the grid."""
-    if spec is None or str(spec).lower() == "keep":
+    """``None``/``"auto"`` -> keep the aspect and scale to the model's native area (the default);
+    ``"512"`` -> centre-crop square (the official preprocessing); ``"768x512"`` (W x H) ->
+    centre-crop to that aspect and resize; ``"keep"`` -> keep the size, round to the grid."""
+    if spec is None or str(spec).lower() == "auto":
+        return "auto", None
+    if str(spec).lower() == "keep":
         return "keep", None
     text = str(spec).lower().strip()
     try:
@@ -36,17 +54,37 @@ def parse_size(spec: str | int | None) -> tuple[str, tuple[int, int] | None]:
         else:
             w = h = int(text)
     except ValueError:
-        raise EmergentSegError(f"size {spec!r} is not understood; use 512, 768x512 (width x height) or keep") from None
+        raise EmergentSegError(f"size {spec!r} is not understood; use auto, 512, 768x512 (width x height) "
+                               "or keep") from None
     if w <= 0 or h <= 0:
         raise EmergentSegError(f"size {spec!r} must be positive")
     return "fixed", (h, w)
 
 
-def fit_image(image: torch.Tensor, size: str | int | None, multiple: int) -> torch.Tensor:
-    """Centre-crop to the target aspect and resize bilinearly (half-pixel centres, no antialias,
-    as ``tf.image.resize`` in the official code). ``image`` is ``[3,H,W]``."""
+def auto_size(h: int, w: int, native: int, multiple: int) -> tuple[int, int]:
+    """``(th, tw)``: the aspect of ``h x w`` at about ``native**2`` pixels, each side a multiple of
+    ``multiple`` (at least one multiple)."""
+    scale = native / math.sqrt(h * w)
+    th = max(multiple, int(round(h * scale / multiple)) * multiple)
+    tw = max(multiple, int(round(w * scale / multiple)) * multiple)
+    return th, tw
+
+
+def fit_image(image: torch.Tensor, size: str | int | None, multiple: int, native: int = 512) -> torch.Tensor:
+    """Fit ``image`` ``[3,H,W]`` to the model's size grid.
+
+    ``auto`` (default): the whole image, aspect kept, scaled to about ``native**2`` pixels (area
+    antialiasing when shrinking), sides rounded to ``multiple``; the caller maps the result back to
+    the original size. Fixed sizes: centre-crop to the target aspect and resize bilinearly
+    (half-pixel centres, no antialias, as ``tf.image.resize`` in the official code)."""
     mode, target = parse_size(size)
     h, w = image.shape[-2:]
+    if mode == "auto":
+        th, tw = auto_size(int(h), int(w), native, multiple)
+        if (th, tw) == (h, w):
+            return image.contiguous()
+        return F.interpolate(image.unsqueeze(0), size=(th, tw), mode="bilinear", align_corners=False,
+                             antialias=th < h or tw < w)[0].clamp(0, 1)
     if mode == "keep":
         th = max(multiple, int(round(h / multiple)) * multiple)
         tw = max(multiple, int(round(w / multiple)) * multiple)

@@ -523,7 +523,8 @@ def _draw_label(img: torch.Tensor, text: str, x: int, y: int, scale: int) -> Non
 
 
 def render_overlay(images: torch.Tensor | None, seg: Segmentation, alpha: float = 0.5,
-                   selected: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+                   selected: Sequence[Sequence[int]] | None = None,
+                   colour_index: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Coloured segments, boundaries and index numbers over the images.
 
     Args:
@@ -534,6 +535,9 @@ def render_overlay(images: torch.Tensor | None, seg: Segmentation, alpha: float 
         alpha: colour opacity of segments.
         selected: per image, the selected indices (e.g. :func:`resolve_selection`). Selected
             segments are drawn more opaque with a white boundary; the others are faded.
+        colour_index: per image and segment, the palette index (and printed number) to draw it
+            with instead of its own index, e.g. a ground truth drawn with the colours of the
+            predicted segments it was matched to.
 
     Returns:
         float32 ``[B,3,H,W]`` in [0, 1] (core layout; ``movedim(1, -1)`` gives a ComfyUI IMAGE).
@@ -564,7 +568,11 @@ def render_overlay(images: torch.Tensor | None, seg: Segmentation, alpha: float 
     for b in range(bsz):
         n = seg.counts[b]
         lab = labels[b].to(base.device)
-        colours = palette(n).to(base.device, torch.float32) / 255.0
+        names = list(range(n)) if colour_index is None else [int(v) for v in colour_index[b]]
+        if len(names) != n:
+            raise EmergentSegError(f"colour_index gives {len(names)} colours for {n} segments")
+        colours = palette(max(names, default=-1) + 1).to(base.device, torch.float32) / 255.0
+        colours = colours[torch.as_tensor(names, dtype=torch.int64, device=base.device)] if n else colours[:0]
         colour = colours[lab].permute(2, 0, 1)  # [3,H,W]
         sel = torch.zeros(n, dtype=torch.bool, device=base.device)
         if selected is None:
@@ -584,7 +592,7 @@ def render_overlay(images: torch.Tensor | None, seg: Segmentation, alpha: float 
         edge_colour = torch.where(sel[lab], 1.0, 0.08)
         img = torch.where(edge.unsqueeze(0), edge_colour.unsqueeze(0).expand(3, -1, -1), img)
         for k, (ax, ay) in enumerate(anchors[b]):
-            _draw_label(img, str(k), int(ax * sx), int(ay * sy), scale)
+            _draw_label(img, str(names[k]), int(ax * sx), int(ay * sy), scale)
         out[b] = img
     return out.clamp(0.0, 1.0)
 

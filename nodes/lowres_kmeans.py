@@ -48,10 +48,10 @@ SPEC = NodeSpec(
               "larger values give worse segments.", default=E.PAPER_T_F, min=0, max=999, step=1),
         Input("rng_seed", INT, SEED_TOOLTIP, default=0, min=0, max=SEED_MAX, step=1,
               display_name="seed"),
-        Input("grid", INT, "Token-grid side of the decoder block to read (16 = the paper's 16x16 "
-              "block of SD1.x at 512 px). The block whose grid is nearest is used and reported in "
-              "info (e.g. 32x32 for SDXL at 1024 px).", default=E.DEFAULT_GRID, min=1, max=256,
-              step=1),
+        Input("grid", INT, "Token-grid side of the decoder block to read. 0 = auto: the grid at 1/32 "
+              "of the image side, the paper's ratio (16x16 for SD1.x at 512 px, 32x32 for SDXL at "
+              "1024 px). A positive value picks the decoder grid nearest to it. The block used is "
+              "reported in info.", default=E.DEFAULT_GRID, min=0, max=256, step=1),
         Input("layer", INT, "Which cross-attention transformer of that decoder block to read (0 = "
               "the first, the paper's choice; SD1.x has 3 per block).", default=E.DEFAULT_LAYER,
               min=0, max=9, step=1),
@@ -67,7 +67,10 @@ SPEC = NodeSpec(
 def site_text(site: AttentionSite, grid: tuple[int, int], requested: int | tuple[int, int]) -> str:
     """``"output.3.0.attn2 (16x16 grid)"``, noting when the requested grid was not available."""
     req = requested if isinstance(requested, tuple) else (requested, requested)
-    note = "" if tuple(req) == tuple(grid) else f", nearest to the requested {req[0]}x{req[1]}"
+    if min(req) <= 0:
+        note = ", auto: 1/32 of the image side"
+    else:
+        note = "" if tuple(req) == tuple(grid) else f", nearest to the requested {req[0]}x{req[1]}"
     return f"{site.key} ({grid[0]}x{grid[1]} grid{note})"
 
 

@@ -1,11 +1,10 @@
 """Evaluation harness (core/evaluate.py), calibration, and the ``demo``/``eval`` commands.
 
-Everything here runs on a freshly initialised fixture model saved to a temp dir, so it never
-depends on the trained weights or on their quality.
+Everything here runs on a freshly initialised miniature SD (the embedded model's architecture)
+saved to a temp dir, so it never depends on the trained weights or on their quality.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -20,28 +19,29 @@ from emergent_seg.core.metrics import SegmentationScorer, instance_scores
 from emergent_seg.fixture.scenes import EVAL_SEED, TEXTURE_NAMES, make_scenes
 
 
+SIZE = 64  # scenes small enough for a fast suite; the model takes any multiple of 64
+
+
 @pytest.fixture(scope="module")
 def fixture_dir(tmp_path_factory) -> Path:
-    from emergent_seg.fixture.model import build_text_encoder, build_unet, default_config, save_fixture
+    from mini_sd import save_random_mini_sd
 
-    torch.manual_seed(123)  # not 0: the random-weights baseline uses seed 0
-    cfg = default_config()
-    directory = tmp_path_factory.mktemp("fixture")
-    save_fixture(directory, build_unet(cfg), build_text_encoder(cfg)[0], cfg)
-    return directory
+    # seed 123, not 0: the random-weights baseline uses seed 0
+    return save_random_mini_sd(tmp_path_factory.mktemp("mini_sd"), seed=123,
+                               calibration={"native_size": SIZE})
 
 
 @pytest.fixture(scope="module")
 def backend(fixture_dir):
-    from emergent_seg.fixture.backend import load_fixture_backend
-    return load_fixture_backend(fixture_dir)
+    from emergent_seg.core.backends.loading import load_backend
+    return load_backend(fixture_dir)
 
 
 @pytest.fixture
 def default_model(fixture_dir, monkeypatch):
-    """``load_backend(None)`` -> the temp fixture (the CLI's embedded default)."""
-    import emergent_seg.fixture.backend as fb
-    monkeypatch.setattr(fb, "load_fixture_backend", functools.partial(fb.load_fixture_backend, fixture_dir))
+    """``load_backend(None)`` -> the temp model (the CLI's embedded default)."""
+    import emergent_seg.core.backends.loading as loading
+    monkeypatch.setattr(loading, "EMBEDDED_MODEL", fixture_dir)
     return fixture_dir
 
 
@@ -144,9 +144,9 @@ def test_cityscapes_loader(tmp_path):
 
 
 def test_synthetic_dataset_classes_are_textures():
-    ds = V.SyntheticDataset(3, size=32)
+    ds = V.SyntheticDataset(3, size=SIZE)
     assert ds.seed == EVAL_SEED and ds.num_classes == len(TEXTURE_NAMES)
-    for sample, scene in zip(ds, make_scenes(3, EVAL_SEED, 32)):
+    for sample, scene in zip(ds, make_scenes(3, EVAL_SEED, SIZE)):
         assert torch.equal(sample.instances, scene.labels)
         for region, texture in enumerate(scene.textures):
             assert (sample.labels[scene.labels == region] == TEXTURE_NAMES.index(texture)).all()
@@ -231,7 +231,7 @@ def test_settings_come_from_calibration(backend):
     fake = type("B", (), {"calibration": {"tau_quantile": 0.2, "timestep": 250}})()
     s = V.diffseg_settings(fake)
     assert s.tau is None and s.tau_quantile == 0.2 and s.timestep == 250
-    assert V.model_size(backend) == 32 and V.model_size(object()) == 512
+    assert V.model_size(backend) == SIZE and V.model_size(object()) == 512
 
 
 def test_random_backend_same_architecture_new_weights(backend):
@@ -245,7 +245,7 @@ def test_random_backend_same_architecture_new_weights(backend):
 
 
 def test_evaluate_all_methods_smoke(backend):
-    ds = V.SyntheticDataset(2, size=32)
+    ds = V.SyntheticDataset(2, size=SIZE)
     updates = []
     from emergent_seg.core.backend import Progress
     progress = Progress(on_update=lambda d, t: updates.append((d, t)))
@@ -271,9 +271,9 @@ def test_evaluate_all_methods_smoke(backend):
 
 
 def test_instance_miou_matches_metrics(backend):
-    ds = V.SyntheticDataset(3, size=32)
+    ds = V.SyntheticDataset(3, size=SIZE)
     ev = V.evaluate(ds, ["one-segment"], None, num_classes=ds.num_classes)
-    want = np.mean([instance_scores(torch.zeros_like(s.labels), s.labels)["miou"] for s in make_scenes(3, EVAL_SEED)])
+    want = np.mean([instance_scores(torch.zeros_like(s.labels), s.labels)["miou"] for s in make_scenes(3, EVAL_SEED, SIZE)])
     assert ev.rows[0]["instance_miou"] == pytest.approx(want)
 
 
@@ -332,8 +332,8 @@ def test_demo_html_escapes_text():
 
 
 def test_demo_without_model_names_the_fix(monkeypatch, tmp_path, capsys):
-    import emergent_seg.fixture.backend as fb
-    monkeypatch.setattr(fb, "load_fixture_backend", functools.partial(fb.load_fixture_backend, tmp_path / "none"))
+    import emergent_seg.core.backends.loading as loading
+    monkeypatch.setattr(loading, "EMBEDDED_MODEL", tmp_path / "none")
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--quiet"]) == 2
     assert "--model" in capsys.readouterr().err
 
@@ -343,7 +343,7 @@ def test_demo_without_model_names_the_fix(monkeypatch, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 def test_calibrate_picks_one_threshold_and_refuses_eval_seeds(backend):
-    scenes = make_scenes(2, V.CALIBRATION_SEED, 32)
+    scenes = make_scenes(2, V.CALIBRATION_SEED, SIZE)
     cal = V.calibrate(backend, scenes, taus=(0.01, 1.1), quantiles=(0.2,), emerdiff_ks=(2, 3), refine=False)
     assert ("tau" in cal) != ("tau_quantile" in cal)
     assert cal["timestep"] == 300 and cal["emerdiff_k"] in (2, 3)
@@ -360,28 +360,29 @@ def test_calibrate_picks_one_threshold_and_refuses_eval_seeds(backend):
     assert sum(n.startswith("t300:tau=") for n in names) >= 2 + 4 - 1  # given + median + 4 steps (may coincide)
     assert "emerdiff_k" not in refined
     with pytest.raises(EmergentSegError, match="held out"):
-        V.calibrate(backend, make_scenes(1, EVAL_SEED, 32), taus=(1.1,), quantiles=(), emerdiff_ks=())
+        V.calibrate(backend, make_scenes(1, EVAL_SEED, SIZE), taus=(1.1,), quantiles=(), emerdiff_ks=())
 
 
 def test_write_calibration_round_trip(fixture_dir, tmp_path):
     import shutil
-    from emergent_seg.fixture.backend import load_fixture_backend
+    from emergent_seg.core.backends.loading import load_backend
 
     directory = tmp_path / "w"
     shutil.copytree(fixture_dir, directory)
-    V.write_calibration(directory, {"tau": 0.5, "timestep": 300, "emerdiff_k": 4})
+    V.write_calibration(directory, {"tau": 0.5, "timestep": 300, "emerdiff_k": 4, "prompt": ""})
     V.write_calibration(directory, {"tau_quantile": 0.25, "timestep": 300, "emerdiff_k": 4})
-    config = json.loads((directory / "config.json").read_text())
+    config = json.loads((directory / "emergent_seg.json").read_text())
     cal = config["calibration"]
     assert cal["tau_quantile"] == 0.25 and "tau" not in cal and cal["prompt"] == "" and cal["emerdiff_k"] == 4
-    b = load_fixture_backend(directory)
+    assert cal["native_size"] == SIZE  # earlier entries are kept
+    b = load_backend(directory)
     import argparse
     args = argparse.Namespace(tau=None, tau_quantile=None, timestep=300, iterations=3,
                               anchors=16, mode="fast", refine="none")
     s = cli._default_settings(b, args)
     assert s.tau is None and s.tau_quantile == 0.25
     assert V.diffseg_settings(b).tau_quantile == 0.25
-    with pytest.raises(EmergentSegError, match="config.json"):
+    with pytest.raises(EmergentSegError, match="not a model folder"):
         V.write_calibration(tmp_path / "missing", {"tau": 1.0})
 
 
@@ -390,7 +391,7 @@ def test_calibrate_command(fixture_dir, tmp_path, capsys):
     directory = tmp_path / "w"
     shutil.copytree(fixture_dir, directory)
     assert V.main(["calibrate", "--weights", str(directory), "--scenes", "1", "--write", "--quiet"]) == 0
-    cal = json.loads((directory / "config.json").read_text())["calibration"]
+    cal = json.loads((directory / "emergent_seg.json").read_text())["calibration"]
     assert ("tau" in cal) != ("tau_quantile" in cal) and "candidates" in cal
     assert V.main(["calibrate", "--weights", str(directory), "--scenes", "1", "--seed", str(EVAL_SEED),
                    "--quiet"]) == 2
@@ -407,7 +408,7 @@ def test_mapper_steps_follow_the_quality_presets():
 
 
 def test_cli_eval_on_a_coco_folder_with_the_small_model(default_model, tmp_path):
-    """512 px evaluation images, 32 px model input, labels resized back to 512 for scoring."""
+    """512 px evaluation images, 64 px model input, labels resized back to 512 for scoring."""
     root = tmp_path / "coco"
     root.mkdir()
     (root / V.COCO_LIST).write_text("1\n2\n")
@@ -421,7 +422,7 @@ def test_cli_eval_on_a_coco_folder_with_the_small_model(default_model, tmp_path)
     assert cli.main(["eval", "--dataset", "coco-stuff-27", "--data", str(root), "--methods",
                      "diffseg-fast,one-segment", "--out", str(out), "--quiet"]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
-    assert data["meta"]["images"] == 2 and data["meta"]["num_classes"] == 27 and data["meta"]["model_size"] == 32
+    assert data["meta"]["images"] == 2 and data["meta"]["num_classes"] == 27 and data["meta"]["model_size"] == SIZE
     assert "instance mIoU" not in out.read_text()
     one = data["rows"][1]
     assert one["per_image_acc"] > 0.5  # person fills most of the centre crop
@@ -436,3 +437,20 @@ def test_cli_eval_passes_method_settings_through(default_model, tmp_path):
     text = out.read_text()
     assert "K=2" in text and "mapper=fast-symmetric" in text and "sigma=1.50 px" in text
     assert "tau=0.2," in text and "seeds 7..7" in text
+
+
+def test_demo_colours_the_truth_by_its_matched_segment():
+    pred = torch.tensor([[0, 0, 1, 1], [2, 2, 1, 1]])
+    truth = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]])  # truth 1 overlaps pred 0 and 2; truth 0 = pred 1
+    colours = cli.matched_colours(pred, truth)
+    assert colours[0] == 1 and colours[1] in (0, 2)
+    # more truth segments than predicted: the unmatched one gets a fresh index after the predictions
+    assert sorted(cli.matched_colours(torch.zeros(2, 4, dtype=torch.long), truth)) == [0, 1]
+    from emergent_seg.core.masks import render_overlay
+    from emergent_seg.core.segmentation import Segmentation
+    seg = Segmentation.from_labels(truth.unsqueeze(0))
+    a = render_overlay(None, seg, colour_index=[[5, 6]])
+    b = render_overlay(None, seg)
+    assert not torch.equal(a, b)
+    with pytest.raises(EmergentSegError, match="colour_index"):
+        render_overlay(None, seg, colour_index=[[1]])

@@ -15,9 +15,9 @@ the model is aggregated, rows sum to 1, and the aggregate equals an independent 
 ``aggregate_weights`` steps). The row-sum check is made asymmetric on purpose: the test asserts that
 the true aggregate's *columns* do not sum to 1, so a transposed aggregate cannot pass it.
 
-The checks run on a freshly initialised fixture model (always available, and random heads differ
-from each other). When the trained weights are present, ``test_bugs_move_the_score`` also shows
-that each bug changes DiffSeg's labels and score on held-out scenes (a transposed aggregate is
+The checks run on a freshly initialised miniature SD (random heads differ from each other).
+``test_bugs_move_the_score`` also shows, on the embedded trained model, that each bug changes
+DiffSeg's labels and score on held-out scenes (a transposed aggregate is
 already refused by ``kl_merge``'s row-sum validation, which counts as caught).
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -39,25 +38,22 @@ from emergent_seg.core.metrics import score_instances
 from emergent_seg.core.sites import select, strides_of
 from emergent_seg.fixture.scenes import EVAL_SEED, make_scenes
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "fixture" / "weights"
+
+SIZE = 256  # the embedded model's native size: attention at 32, 16, 8 and the 4x4 mid block
 
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    from emergent_seg.fixture.backend import load_fixture_backend
-    from emergent_seg.fixture.model import build_text_encoder, build_unet, default_config, save_fixture
+    from mini_sd import save_random_mini_sd
 
-    torch.manual_seed(1234)
-    cfg = default_config()
-    unet, (encoder, _) = build_unet(cfg), build_text_encoder(cfg)
-    directory = tmp_path_factory.mktemp("random_fixture")
-    save_fixture(directory, unet, encoder, cfg)
-    return load_fixture_backend(directory)
+    from emergent_seg.core.backends.loading import load_backend
+
+    return load_backend(save_random_mini_sd(tmp_path_factory.mktemp("random_mini_sd"), seed=1234))
 
 
 @pytest.fixture(scope="module")
 def images():
-    return torch.stack([s.image for s in make_scenes(2, EVAL_SEED + 7, 32)])
+    return torch.stack([s.image for s in make_scenes(2, EVAL_SEED + 7, SIZE)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,10 +254,8 @@ def test_transposed_aggregate_is_caught_by_the_row_check_alone(backend, images, 
 
 @pytest.fixture(scope="module")
 def trained():
-    if not (WEIGHTS / "unet.safetensors").exists():
-        pytest.skip("trained fixture weights not present yet (fixture/weights/unet.safetensors)")
-    from emergent_seg.fixture.backend import load_fixture_backend
-    return load_fixture_backend(WEIGHTS)
+    from emergent_seg.core.backends.loading import load_backend
+    return load_backend(None)
 
 
 def _score(backend, scenes, settings) -> tuple[float, torch.Tensor]:
@@ -278,7 +272,7 @@ SCORE_BUGS = ["drop-finest-resolution", "transposed-aggregate", "swapped-query-k
 def test_bugs_move_the_score(bug, trained, monkeypatch):
     from emergent_seg.core.evaluate import diffseg_settings
 
-    scenes = make_scenes(8, EVAL_SEED + 500, 32)
+    scenes = make_scenes(8, EVAL_SEED + 500, SIZE)
     settings = diffseg_settings(trained)
     good, good_labels = _score(trained, scenes, settings)
     extra = BUGS[bug](monkeypatch, trained)

@@ -129,6 +129,9 @@ class DiffusersBackend:
             self.latent_scale = 1
             self.scaling_factor = 1.0
         self._empty: Conditioning | None = None
+        #: Measured defaults stored beside the model (``emergent_seg.json["calibration"]``: native
+        #: size, tau, EmerDiff K, mapper settings); empty for a user's model = the papers' values.
+        self.calibration: dict = {}
 
     # --- Backend protocol -------------------------------------------------------------------
     def sites(self) -> list[AttentionSite]:

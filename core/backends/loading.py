@@ -1,5 +1,8 @@
 """Load a model for the CLI: a diffusers folder, a single-file SD1.x ``.safetensors``, or the
-shipped tiny fixture. Offline only (``local_files_only``); safetensors only, never pickle."""
+embedded miniature SD (``fixture/weights``, itself an ordinary diffusers folder, loaded by the same
+code). Offline only (``local_files_only``); safetensors only, never pickle: every library call asks
+for safetensors (``use_safetensors=True``), and a folder that only has pickle weights is refused
+with one line naming the file."""
 from __future__ import annotations
 
 import json
@@ -13,6 +16,35 @@ from .diffusers import DiffusersBackend, sd_alphas_cumprod
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CLIP_BOS, CLIP_EOS = 49406, 49407
+#: The embedded miniature SD (a diffusers folder shipped inside the package).
+EMBEDDED_MODEL = Path(__file__).resolve().parents[2] / "fixture" / "weights"
+#: Optional file of a model folder with its measured defaults (see fixture/README.md).
+DEFAULTS_FILE = "emergent_seg.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _pickle_refusal(folder: Path) -> EmergentSegError | None:
+    """The one-line error for a component folder that holds pickle weights but no safetensors."""
+    if any(folder.glob("*.safetensors")):
+        return None
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if not pickles:
+        return None
+    return EmergentSegError(f"{folder / pickles[0]} is a pickle checkpoint, which is never loaded for safety; "
+                            "convert it to safetensors (e.g. save_pretrained(..., safe_serialization=True))")
+
+
+def _from_pretrained(cls: type, folder: Path, **kwargs: object) -> object:
+    """``cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)`` with one-line
+    errors (pickle-only folder, missing or unreadable weights)."""
+    refusal = _pickle_refusal(folder)
+    if refusal is not None:
+        raise refusal
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EmergentSegError(f"cannot load {cls.__name__} from {folder}: {first}") from None
 
 
 def _schedule(folder: Path) -> tuple[torch.Tensor, str]:
@@ -44,13 +76,13 @@ def _need_transformers() -> object:
 def _clip_prompt_encoder(folder: Path, device: torch.device, dtype: torch.dtype):
     """Prompt -> Conditioning for SD1.x/SD2.x folders, or SDXL folders with two encoders."""
     tf = _need_transformers()
+    # Tokenizers read vocab.json / merges.txt (plain text), never pickle.
     tok1 = tf.CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    enc1 = tf.CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).to(device, dtype).eval()
+    enc1 = _from_pretrained(tf.CLIPTextModel, folder / "text_encoder").to(device, dtype).eval()
     xl = (folder / "text_encoder_2").exists()
     if xl:
         tok2 = tf.CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
-        enc2 = tf.CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2",
-                                                              local_files_only=True).to(device, dtype).eval()
+        enc2 = _from_pretrained(tf.CLIPTextModelWithProjection, folder / "text_encoder_2").to(device, dtype).eval()
 
     def encode(prompt: str) -> Conditioning:
         ids = tok1(prompt, padding="max_length", max_length=tok1.model_max_length, truncation=True,
@@ -69,16 +101,74 @@ def _clip_prompt_encoder(folder: Path, device: torch.device, dtype: torch.dtype)
     return encode
 
 
+def _word_prompt_encoder(folder: Path, device: torch.device, dtype: torch.dtype):
+    """Prompt -> Conditioning for a folder whose text encoder is the word-level one
+    (``text_encoder/config.json`` ``"_class_name": "WordTextEncoder"``; no transformers needed)."""
+    from safetensors.torch import load_file
+
+    from .word_text import TinyTextEncoder, WordTokenizer
+
+    try:
+        cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+        tokenizer = WordTokenizer.from_config(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
+        encoder = TinyTextEncoder(tokenizer.vocab_size, width=int(cfg["width"]), layers=int(cfg["layers"]),
+                                  heads=int(cfg["heads"]), context_length=int(cfg["context_length"]))
+        encoder.load_state_dict(load_file(str(folder / "text_encoder" / "model.safetensors")), strict=True)
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise EmergentSegError(f"cannot load the word-level text encoder of {folder}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    encoder = encoder.to(device, dtype).eval().requires_grad_(False)
+
+    def encode(prompt: str) -> Conditioning:
+        ids, tokens = tokenizer.tokenize(prompt)
+        with torch.no_grad():
+            context = encoder(ids.unsqueeze(0).to(device))
+        return Conditioning(context, {}, tuple(tokens), prompt)
+    return encode
+
+
+def _text_encoder_class(folder: Path) -> str:
+    path = folder / "text_encoder" / "config.json"
+    if not path.exists():
+        return ""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise EmergentSegError(f"{path} is not valid JSON") from None
+    return str(cfg.get("_class_name") or (cfg.get("architectures") or [""])[0])
+
+
+def read_model_defaults(folder: Path) -> dict:
+    """The measured defaults stored beside a model (``emergent_seg.json["calibration"]``), or ``{}``."""
+    path = folder / DEFAULTS_FILE
+    if not path.exists():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()).get("calibration") or {})
+    except (OSError, ValueError, AttributeError):
+        raise EmergentSegError(f"{path} is not valid JSON; delete it or restore it") from None
+
+
 def load_diffusers_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> DiffusersBackend:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).to(device, dtype).eval()
+    unet = _from_pretrained(UNet2DConditionModel, folder / "unet", low_cpu_mem_usage=False,
+                            torch_dtype=dtype).to(device)
+    unet = unet.eval().requires_grad_(False)
     vae = None
     if (folder / "vae").exists():
-        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).to(device, torch.float32).eval()
+        vae = _from_pretrained(AutoencoderKL, folder / "vae", low_cpu_mem_usage=False,
+                               torch_dtype=torch.float32).to(device).eval()
     alphas, prediction = _schedule(folder)
-    encode = _clip_prompt_encoder(folder, device, dtype) if (folder / "text_encoder").exists() else None
-    return DiffusersBackend(unet, vae, encode, alphas, prediction)
+    encode = None
+    if (folder / "text_encoder").exists():
+        if _text_encoder_class(folder) == "WordTextEncoder":
+            encode = _word_prompt_encoder(folder, device, dtype)
+        else:
+            encode = _clip_prompt_encoder(folder, device, dtype)
+    backend = DiffusersBackend(unet, vae, encode, alphas, prediction)
+    backend.calibration = read_model_defaults(folder)
+    return backend
 
 
 def load_single_file_sd15(path: Path, device: torch.device, dtype: torch.dtype) -> DiffusersBackend:
@@ -119,15 +209,13 @@ def load_single_file_sd15(path: Path, device: torch.device, dtype: torch.dtype) 
 
 def load_backend(model: str | Path | None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> DiffusersBackend:
-    """``None`` = the shipped tiny fixture; a folder = diffusers layout; a file = SD1.x safetensors."""
+    """``None`` = the embedded miniature SD; a folder = diffusers layout; a file = SD1.x safetensors."""
     device = torch.device(device)
     if model is None:
-        try:
-            from ...fixture.backend import load_fixture_backend
-            return load_fixture_backend(device=device)
-        except (ImportError, FileNotFoundError) as exc:
-            raise EmergentSegError("no --model given and the embedded default model is not available "
-                                   f"({exc}); pass --model PATH to a diffusers folder or .safetensors") from None
+        if not (EMBEDDED_MODEL / "unet").exists():
+            raise EmergentSegError(f"no --model given and the embedded default model is missing ({EMBEDDED_MODEL}); "
+                                   "pass --model PATH to a diffusers folder or .safetensors")
+        return load_diffusers_folder(EMBEDDED_MODEL, device, dtype)
     path = Path(model).expanduser()
     if not path.exists():
         raise EmergentSegError(f"model {path} does not exist; pass a diffusers folder or a .safetensors file")
