@@ -329,10 +329,22 @@ def kmeans_labels(features: torch.Tensor, grid: tuple[int, int], k: int = DEFAUL
     return assign_.view(-1, gh, gw)
 
 
-def upsample_labels(grid_labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour upsampling of a label grid ``[B, h, w]`` to ``size = (H, W)``."""
-    up = F.interpolate(grid_labels.unsqueeze(1).float(), size=size, mode="nearest")
-    return up.squeeze(1).round().to(torch.int64)
+def upsample_labels(grid_labels: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+    """Upsample a label grid ``[B, h, w]`` to ``size = (H, W)``: ``"nearest"``, or ``"bilinear"``
+    (each label's one-hot mask upsampled bilinearly, half-pixel centres, then the argmax: the
+    paper's naive baseline, smooth boundaries instead of cell staircases)."""
+    if mode == "nearest":
+        up = F.interpolate(grid_labels.unsqueeze(1).float(), size=size, mode="nearest")
+        return up.squeeze(1).round().to(torch.int64)
+    if mode != "bilinear":
+        raise EmergentSegError(f"unknown upsampling {mode!r}; use nearest or bilinear")
+    ids = torch.unique(grid_labels)
+    out = torch.empty((grid_labels.shape[0], *size), dtype=torch.int64, device=grid_labels.device)
+    for b in range(grid_labels.shape[0]):
+        onehot = (grid_labels[b].unsqueeze(0) == ids.view(-1, 1, 1)).to(torch.float32)
+        soft = F.interpolate(onehot.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
+        out[b] = ids[soft.argmax(0)]
+    return out
 
 
 def lowres_kmeans(backend: Backend, latents: torch.Tensor, k: int = DEFAULT_K,

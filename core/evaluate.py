@@ -56,8 +56,10 @@ diffseg-parity     DiffSeg, the official float16 arithmetic
 diffseg-refine     DiffSeg fast + the official k-means refinement
 emerdiff           EmerDiff: low-res k-means (K = ``--clusters`` or the calibrated K) + mapper
 emerdiff-lowres    the same low-res k-means masks, nearest-upsampled (the mapper's naive baseline)
+emerdiff-lowres-bilinear  the same masks, bilinear-upsampled (one-hot, then argmax; the paper's baseline)
 diffseg+mapper     DiffSeg fast, pooled to the mapper's grid (majority vote), then the mapper
 diffseg-pooled     that pooled grid nearest-upsampled (the naive baseline of diffseg+mapper)
+diffseg-pooled-bilinear  that pooled grid bilinear-upsampled
 random             DiffSeg fast on a UNet of the same architecture with random weights (seed 0)
 color-kmeans       k-means on RGB pixels with the true K (classes/instances present in the image)
 one-segment        the whole image as one segment
@@ -89,7 +91,7 @@ __all__ = [
     "COCO_FINE_TO_COARSE", "COCO_COARSE_NAMES", "CITYSCAPES_NAMES", "coco_fine_to_coarse",
     "cityscapes_to_27", "centre_crop_resize", "METHODS", "DEFAULT_METHODS", "parse_methods",
     "model_size", "diffseg_settings", "random_backend", "Evaluation", "evaluate", "format_table",
-    "run_eval", "calibrate", "write_calibration", "CALIBRATION_SEED", "main",
+    "run_eval", "calibrate", "calibrate_mapper", "write_calibration", "CALIBRATION_SEED", "main",
 ]
 
 EVAL_SIZE = 512  # DiffSeg's preprocessing for COCO-Stuff-27 and Cityscapes
@@ -216,7 +218,7 @@ def _read_label(path: Path) -> torch.Tensor:
 class SyntheticDataset:
     """Held-out synthetic scenes ``make_scenes(n, seed, size)`` (seed defaults to ``EVAL_SEED``).
 
-    Classes are the 9 textures (``fixture.scenes.TEXTURE_NAMES``); instances are the scene's
+    Classes are the 16 region fills (``fixture.scenes.TEXTURE_NAMES``); instances are the scene's
     region ids."""
 
     name = "synthetic"
@@ -488,8 +490,10 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("diffseg-refine", "DiffSeg fast + k-means refinement", "model"),
     MethodSpec("emerdiff", "EmerDiff: low-res k-means + modulated denoising mapper", "model"),
     MethodSpec("emerdiff-lowres", "EmerDiff low-res k-means, nearest-upsampled (no mapper)", "model"),
+    MethodSpec("emerdiff-lowres-bilinear", "EmerDiff low-res k-means, bilinear-upsampled (no mapper)", "model"),
     MethodSpec("diffseg+mapper", "DiffSeg fast, pooled to the mapper grid, + mapper", "model"),
     MethodSpec("diffseg-pooled", "DiffSeg fast pooled to the mapper grid, nearest-upsampled", "model"),
+    MethodSpec("diffseg-pooled-bilinear", "DiffSeg fast pooled to the mapper grid, bilinear-upsampled", "model"),
     MethodSpec("random", "baseline: DiffSeg fast, same architecture with random weights", "random"),
     MethodSpec("color-kmeans", "baseline: k-means on RGB with the true K", "colour"),
     MethodSpec("one-segment", "baseline: one segment per image", "colour"),
@@ -650,6 +654,10 @@ class _ImageRun:
             return self.diffseg(ev.random, ev.settings, method)
         if method == "emerdiff-lowres":
             return self.lowres().labels[0].cpu()
+        if method == "emerdiff-lowres-bilinear":
+            return upsample_labels(self.lowres().lowres[:1].cpu(), size, "bilinear")[0]
+        if method == "diffseg-pooled-bilinear":
+            return upsample_labels(self.pooled()[None], size, "bilinear")[0]
         if method == "emerdiff":
             return self.mapper(self.lowres().lowres[0])
         if method == "diffseg-pooled":
@@ -759,7 +767,7 @@ def evaluate(dataset: Iterable[Sample], methods: Sequence[str], backend: Backend
         dataset: :class:`Sample` s (e.g. :class:`SyntheticDataset`, :class:`CocoStuff27Dataset`).
         methods: names from :data:`METHODS`.
         backend: the model (needed unless only colour/one-segment baselines are asked for).
-        num_classes: ground-truth classes (9 textures for synthetic, 27 for COCO/Cityscapes).
+        num_classes: ground-truth classes (16 region fills for synthetic, 27 for COCO/Cityscapes).
         settings: DiffSeg settings (default :func:`diffseg_settings` of the backend).
         emerdiff: EmerDiff options (K, steps, sigma, lambda, seed).
         size: model input side (default :func:`model_size`).
@@ -859,7 +867,8 @@ def format_table(ev: Evaluation, title: str = "") -> str:
         notes.append(f"DiffSeg: t={s['timestep']}, {thr}, N={s['iterations']}, "
                      f"{s['anchors_per_side']}x{s['anchors_per_side']} anchors.")
     e = m.get("emerdiff")
-    if e and any(r["method"] in ("emerdiff", "emerdiff-lowres", "diffseg+mapper") for r in ev.rows):
+    if e and any(r["method"] in ("emerdiff", "emerdiff-lowres", "emerdiff-lowres-bilinear", "diffseg+mapper")
+                 for r in ev.rows):
         notes.append(f"EmerDiff: K={e['k']}, mapper={e['steps']}, lambda={e['lambda']:g}, "
                      f"sigma={e['sigma']:.2f} px.")
     lines += ["", " ".join(notes), "",
@@ -868,7 +877,7 @@ def format_table(ev: Evaluation, title: str = "") -> str:
               "(mean low-res UNet query feature inside the segment; mean RGB for the colour baselines), "
               "then one Hungarian over the dataset (see core/evaluate.py)."
               + (" Instance mIoU = mean over images of per-image matched IoU against the scene's "
-                 "instances; classes for the two protocols are the 9 textures." if synthetic else "")
+                 "instances; classes for the two protocols are the 16 region fills (9 texture patterns, 7 photos)." if synthetic else "")
               + " The two protocols are not comparable with each other. s/img includes shared work "
               "(e.g. DiffSeg inside diffseg+mapper) for every method that uses it."]
     return "\n".join(lines) + "\n"
@@ -1077,6 +1086,55 @@ def calibrate(backend: Backend, scenes: Sequence[Any], *, taus: Sequence[float] 
     return result
 
 
+DEFAULT_MAPPER_QUALITIES = ("fast", "fast-symmetric")
+DEFAULT_MAPPER_SIGMAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+def calibrate_mapper(backend: Backend, scenes: Sequence[Any], k: int, *,
+                     qualities: Sequence[str] = DEFAULT_MAPPER_QUALITIES,
+                     sigmas: Sequence[float] = DEFAULT_MAPPER_SIGMAS, seed: int = 0,
+                     progress: Progress | None = None) -> dict:
+    """Pick the mapper preset (steps and difference mode) and smoothing sigma on training-range
+    scenes: EmerDiff's low-res k-means masks (``k``) through the mapper, scored by instance mIoU,
+    next to the nearest and bilinear upsampling of the same masks. Difference maps are computed
+    once per scene and preset; every sigma reuses them (smoothing and argmax are cheap). Ties keep
+    the cheaper preset and the smaller sigma. Sigma is in pixels at the scenes' size."""
+    from ..fixture.scenes import EVAL_SEED
+    from . import emerdiff as E
+
+    if any(s.seed >= EVAL_SEED for s in scenes):
+        raise EmergentSegError("mapper calibration scenes must come from the training range (seed < EVAL_SEED)")
+    progress = progress or Progress()
+    progress.grow(len(scenes) * len(qualities))
+    device = getattr(backend, "device", "cpu")
+    scores: dict[str, list[float]] = {}
+    for scene in scenes:
+        latent = backend.encode(scene.image.unsqueeze(0).to(device))
+        low = E.lowres_kmeans(backend, latent, k=k, seed=seed).lowres
+        size = tuple(scene.labels.shape)
+        for mode in ("nearest", "bilinear"):
+            up = E.upsample_labels(low.cpu(), size, mode)[0]
+            scores.setdefault(mode, []).append(instance_scores(up, scene.labels)["miou"])
+        ids, masks = E.label_masks(low[0])
+        for quality in qualities:
+            dm = E.difference_maps(backend, latent, masks, seed=seed, **E.preset(quality))
+            for sigma in sigmas:
+                labels = ids.cpu()[E.assign(E.smooth(dm.maps, float(sigma))).cpu()]
+                scores.setdefault(f"{quality}:sigma={float(sigma):g}", []).append(
+                    instance_scores(labels, scene.labels)["miou"])
+            progress.advance()
+    mean = {key: float(np.mean(v)) for key, v in scores.items()}
+    mapped = [key for key in mean if ":sigma=" in key]
+    best = max(mapped, key=lambda key: (mean[key], -mapped.index(key)))
+    quality, sigma = best.split(":sigma=")
+    seeds = sorted(s.seed for s in scenes)
+    return {"mapper_quality": quality, "mapper_sigma": float(sigma), "mapper_score": round(mean[best], 4),
+            "mapper_nearest_score": round(mean["nearest"], 4), "mapper_bilinear_score": round(mean["bilinear"], 4),
+            "mapper_candidates": {key: round(v, 4) for key, v in mean.items()},
+            "mapper_scenes": {"n": len(scenes), "first_seed": seeds[0], "last_seed": seeds[-1],
+                              "size": int(scenes[0].image.shape[-1]), "k": int(k)}}
+
+
 def write_calibration(directory: str | Path, calibration: dict) -> Path:
     """Merge ``calibration`` into ``directory/emergent_seg.json["calibration"]`` (a model folder's
     stored defaults, read by ``core.backends.loading`` into ``backend.calibration``). A stale
@@ -1104,11 +1162,17 @@ def _run_calibrate(args: argparse.Namespace, bar: Any = None) -> dict:
     scenes = make_scenes(args.scenes, seed=args.seed, size=size)
     timesteps = tuple(int(t) for t in str(args.timesteps).split(","))
     result = calibrate(backend, scenes, timesteps=timesteps, progress=bar() if bar else None)
-    summary = {k: v for k, v in result.items() if k not in ("candidates", "emerdiff_k_candidates")}
+    if args.mapper_scenes:
+        result.update(calibrate_mapper(backend, scenes[:args.mapper_scenes], int(result.get("emerdiff_k", 20)),
+                                       progress=bar() if bar else None))
+    result["native_size"] = size
+    summary = {k: v for k, v in result.items() if k not in ("candidates", "emerdiff_k_candidates",
+                                                               "mapper_candidates")}
     print(json.dumps(summary, indent=2))
     if args.verbose:
         print(json.dumps({"candidates": result["candidates"],
-                          "emerdiff_k_candidates": result.get("emerdiff_k_candidates")}, indent=2))
+                          "emerdiff_k_candidates": result.get("emerdiff_k_candidates"),
+                          "mapper_candidates": result.get("mapper_candidates")}, indent=2))
     if args.write:
         path = write_calibration(directory, result)
         print(f"stored in {path} under \"calibration\"", file=sys.stderr)
@@ -1125,11 +1189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_eval_arguments(sub.add_parser("eval", help="score methods (same as python -m emergent_seg eval)"))
     cal = sub.add_parser("calibrate", help="pick the fixture's DiffSeg defaults on training-range scenes")
-    cal.add_argument("--weights", help="fixture weights folder (default fixture/weights)")
+    cal.add_argument("--weights", help="model folder (default: the embedded model, fixture/weights)")
     cal.add_argument("--scenes", type=int, default=48)
     cal.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="first scene seed (< EVAL_SEED)")
     cal.add_argument("--timesteps", default="300", help="comma-separated timesteps to try")
-    cal.add_argument("--write", action="store_true", help="store the result in <weights>/config.json")
+    cal.add_argument("--mapper-scenes", type=int, default=0,
+                     help="also pick the mapper preset and sigma on the first N of the scenes (0 = skip)")
+    cal.add_argument("--write", action="store_true", help="store the result in <weights>/emergent_seg.json")
     cal.add_argument("--verbose", action="store_true", help="print every candidate's score")
     cal.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

@@ -436,3 +436,20 @@ def test_plan_counts():
     assert E.plan(3, 2, max_batch=4)["chunk_sizes"] == [4, 4]             # balanced: 3 + 3 members
     assert E.plan(2, 1, inject="none")["chunk_sizes"] == [4]              # no reference needed
     assert E.plan(2, 1, inject="none", difference="one_sided", max_batch=2)["chunk_sizes"] == [2, 1]
+
+
+def test_bilinear_upsampling_of_a_label_grid():
+    from emergent_seg.core.emerdiff import upsample_labels
+
+    grid = torch.tensor([[[0, 1], [0, 1]]])
+    near = upsample_labels(grid, (4, 4))
+    bil = upsample_labels(grid, (4, 4), "bilinear")
+    assert torch.equal(near, bil)  # a straight boundary stays where it is
+    grid = torch.tensor([[[0, 0, 0], [0, 1, 0], [0, 0, 0]]])
+    bil = upsample_labels(grid, (12, 12), "bilinear")
+    near = upsample_labels(grid, (12, 12))
+    # a lone cell becomes a rounded blob inside its square: fewer pixels, corners lost
+    assert 0 < int((bil == 1).sum()) < int((near == 1).sum())
+    assert bil[0, 4, 4] == 0 and bil[0, 6, 6] == 1
+    with pytest.raises(Exception, match="unknown upsampling"):
+        upsample_labels(grid, (4, 4), "cubic")

@@ -454,3 +454,16 @@ def test_demo_colours_the_truth_by_its_matched_segment():
     assert not torch.equal(a, b)
     with pytest.raises(EmergentSegError, match="colour_index"):
         render_overlay(None, seg, colour_index=[[1]])
+
+
+def test_calibrate_mapper_scores_presets_sigmas_and_the_upsampling_baselines(backend):
+    scenes = make_scenes(1, V.CALIBRATION_SEED, SIZE)
+    cal = V.calibrate_mapper(backend, scenes, k=2, qualities=("fast", "fast-symmetric"), sigmas=(0.0, 2.0))
+    assert cal["mapper_quality"] in ("fast", "fast-symmetric") and cal["mapper_sigma"] in (0.0, 2.0)
+    assert set(cal["mapper_candidates"]) == {"nearest", "bilinear", "fast:sigma=0", "fast:sigma=2",
+                                             "fast-symmetric:sigma=0", "fast-symmetric:sigma=2"}
+    best = max(v for key, v in cal["mapper_candidates"].items() if ":" in key)
+    assert cal["mapper_score"] == pytest.approx(best, abs=1e-4)
+    json.dumps(cal)
+    with pytest.raises(EmergentSegError, match="training range"):
+        V.calibrate_mapper(backend, make_scenes(1, EVAL_SEED, SIZE), k=2)

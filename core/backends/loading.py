@@ -34,6 +34,18 @@ def _pickle_refusal(folder: Path) -> EmergentSegError | None:
                             "convert it to safetensors (e.g. save_pretrained(..., safe_serialization=True))")
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` file, or one line saying why it cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise EmergentSegError(f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0]}); "
+                               "check the download or re-save it") from None
+
+
 def _from_pretrained(cls: type, folder: Path, **kwargs: object) -> object:
     """``cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)`` with one-line
     errors (pickle-only folder, missing or unreadable weights)."""
@@ -64,6 +76,29 @@ def _schedule(folder: Path) -> tuple[torch.Tensor, str]:
     return alphas, cfg.get("prediction_type", "epsilon")
 
 
+def _clip_tokenizer(tf: object, folder: Path) -> object:
+    """A CLIP BPE tokenizer built from its plain-text files (``vocab.json``, ``merges.txt``) and the
+    settings in ``tokenizer_config.json``; nothing else in the folder is read."""
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if not vocab.exists() or not merges.exists():
+        raise EmergentSegError(f"{folder} needs vocab.json and merges.txt (the CLIP tokenizer files)")
+    settings: dict = {}
+    config_path = folder / "tokenizer_config.json"
+    if config_path.exists():
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError:
+            raise EmergentSegError(f"{config_path} is not valid JSON") from None
+        for key in ("model_max_length", "pad_token", "bos_token", "eos_token", "unk_token", "errors"):
+            value = config.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is not None:
+                settings[key] = value
+    settings.setdefault("model_max_length", 77)
+    return tf.CLIPTokenizer(vocab_file=str(vocab), merges_file=str(merges), **settings)
+
+
 def _need_transformers() -> object:
     try:
         import transformers
@@ -75,13 +110,16 @@ def _need_transformers() -> object:
 
 def _clip_prompt_encoder(folder: Path, device: torch.device, dtype: torch.dtype):
     """Prompt -> Conditioning for SD1.x/SD2.x folders, or SDXL folders with two encoders."""
-    tf = _need_transformers()
-    # Tokenizers read vocab.json / merges.txt (plain text), never pickle.
-    tok1 = tf.CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    enc1 = _from_pretrained(tf.CLIPTextModel, folder / "text_encoder").to(device, dtype).eval()
     xl = (folder / "text_encoder_2").exists()
+    for name in ("text_encoder", "text_encoder_2") if xl else ("text_encoder",):
+        refusal = _pickle_refusal(folder / name)
+        if refusal is not None:  # refused before anything else is asked for
+            raise refusal
+    tf = _need_transformers()
+    tok1 = _clip_tokenizer(tf, folder / "tokenizer")
+    enc1 = _from_pretrained(tf.CLIPTextModel, folder / "text_encoder").to(device, dtype).eval()
     if xl:
-        tok2 = tf.CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
+        tok2 = _clip_tokenizer(tf, folder / "tokenizer_2")
         enc2 = _from_pretrained(tf.CLIPTextModelWithProjection, folder / "text_encoder_2").to(device, dtype).eval()
 
     def encode(prompt: str) -> Conditioning:
@@ -108,6 +146,9 @@ def _word_prompt_encoder(folder: Path, device: torch.device, dtype: torch.dtype)
 
     from .word_text import TinyTextEncoder, WordTokenizer
 
+    refusal = _pickle_refusal(folder / "text_encoder")
+    if refusal is not None:
+        raise refusal
     try:
         cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
         tokenizer = WordTokenizer.from_config(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
@@ -176,16 +217,23 @@ def load_single_file_sd15(path: Path, device: torch.device, dtype: torch.dtype) 
     Without a tokenizer only the empty prompt (DiffSeg's default) is available: its token ids are
     fixed (BOS then EOS padding), so no vocabulary is needed."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import load_file
 
     cfg = str(CONFIGS / "sd15")
-    unet = UNet2DConditionModel.from_single_file(str(path), config=cfg, subfolder="unet",
-                                                 local_files_only=True).to(device, dtype).eval()
-    vae = AutoencoderKL.from_single_file(str(path), config=cfg, subfolder="vae",
-                                         local_files_only=True).to(device, torch.float32).eval()
+    # The file is read by safetensors here and handed over as a state dict, so diffusers never
+    # opens it (no pickle fallback exists on this path).
+    weights = read_safetensors(path)
+    try:
+        unet = UNet2DConditionModel.from_single_file(weights, config=cfg, subfolder="unet",
+                                                     local_files_only=True).to(device, dtype).eval()
+        vae = AutoencoderKL.from_single_file(weights, config=cfg, subfolder="vae",
+                                             local_files_only=True).to(device, torch.float32).eval()
+    except (KeyError, ValueError, RuntimeError, OSError) as exc:
+        raise EmergentSegError(f"{path.name} is not an SD1.x checkpoint this loader understands "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                               "for SD2.x/SDXL use a diffusers folder") from None
     tf = _need_transformers()
     prefix = "cond_stage_model.transformer."
-    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     if not state:
         raise EmergentSegError(f"{path} has no SD1.x CLIP text encoder (cond_stage_model); "
                                "use a diffusers folder for SD2.x/SDXL models")
