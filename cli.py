@@ -30,7 +30,9 @@ class TerminalProgress:
             print(f"\r{self.label}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
             return
         if self._bar is None:
-            self._bar = tqdm(total=total, desc=self.label, leave=False, file=sys.stderr)
+            # no rate field: the first update jumps from 0 and would show a meaningless it/s
+            self._bar = tqdm(total=total, desc=self.label, leave=False, file=sys.stderr,
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
         self._bar.total = total
         self._bar.n = done
         self._bar.refresh()
@@ -76,15 +78,17 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emergent_seg",
+    invoked = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    prog = invoked if invoked.startswith("emergent-seg") else "python -m emergent_seg"
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Segment images with a Stable Diffusion UNet (DiffSeg, EmerDiff).")
     sub = parser.add_subparsers(dest="command", required=True)
     add_segment_args(sub.add_parser("segment", help="segment images; writes label maps, masks and overlays"))
     demo = sub.add_parser("demo", help="run the embedded miniature SD on generated scenes and write a report")
-    demo.add_argument("--out", default="out/demo")
-    demo.add_argument("--scenes", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=1000)
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--out", default="out/demo", help="report folder (default: out/demo)")
+    demo.add_argument("--scenes", type=int, default=8, help="number of generated scenes (default: 8)")
+    demo.add_argument("--seed", type=int, default=1000, help="seed of the first scene (default: 1000)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     from .core.evaluate import add_eval_arguments
     add_eval_arguments(sub.add_parser("eval", help="score methods (mIoU, pixel accuracy after Hungarian matching)"))
     args = parser.parse_args(argv)
@@ -164,6 +168,11 @@ def write_outputs(out: Path, stem: str, image: torch.Tensor, seg) -> list[Path]:
     from .core.segmentation import Segmentation
 
     out.mkdir(parents=True, exist_ok=True)
+    # masks of an earlier run with more segments must not stay beside the new ones
+    for stale in out.glob(f"{stem}_seg[0-9][0-9]*.png"):
+        suffix = stale.stem[len(stem) + 4:]
+        if suffix.isdigit() and int(suffix) >= seg.counts[0]:
+            stale.unlink()
     hw = tuple(int(v) for v in image.shape[-2:])
     labels = seg.labels[0]
     if tuple(labels.shape) != hw:
@@ -181,11 +190,47 @@ def write_outputs(out: Path, stem: str, image: torch.Tensor, seg) -> list[Path]:
     return written
 
 
+def check_segment_args(args: argparse.Namespace) -> None:
+    """Every option, the images and the output folder are checked before the model loads, so a
+    typo costs milliseconds, not a model load and a UNet pass."""
+    from .core.images import check_readable, parse_size
+    from .core.pipeline import DiffSegSettings
+
+    parse_size(args.size)
+    if args.tau is not None and args.tau_quantile is not None:
+        raise EmergentSegError("give --tau or --tau-quantile, not both")
+    DiffSegSettings(timestep=300 if args.timestep is None else args.timestep,
+                    tau=args.tau if args.tau is not None or args.tau_quantile is not None else 1.0,
+                    tau_quantile=args.tau_quantile, iterations=args.iterations,
+                    anchors_per_side=args.anchors, mode=args.mode)
+    if args.clusters is not None and args.clusters < 2:
+        raise EmergentSegError(f"--clusters must be at least 2, got {args.clusters} (EmerDiff uses 20 on SD)")
+    if args.sigma is not None and not args.sigma >= 0:
+        raise EmergentSegError(f"--sigma must be >= 0 pixels, got {args.sigma}")
+    for path in args.images:
+        check_readable(path)
+    prepare_output_folder(Path(args.out))
+
+
+def prepare_output_folder(out: Path) -> None:
+    """Create ``out`` (or accept an existing folder) and prove it is writable, with one line
+    naming the problem otherwise."""
+    if out.exists() and not out.is_dir():
+        raise EmergentSegError(f"--out {out} is an existing file, not a folder; choose another path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".emergent_seg_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise EmergentSegError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") from None
+
+
 def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
     from .core.backends.loading import load_backend
-    from .core.images import fit_image, native_side, parse_size, read_image
+    from .core.images import fit_image, native_side, read_image
 
-    parse_size(args.size)  # a bad --size fails before the model loads
+    check_segment_args(args)
     backend = load_backend(args.model, args.device)
     native = native_side(backend)
     sources: list[tuple[str, object]] = []

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from core.diffseg import anchor_grid, kl_merge, symmetric_kl
-from tests.synthetic import planted_aggregate, voronoi_regions
+from emergent_seg.core.diffseg import anchor_grid, kl_merge, symmetric_kl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted test scenes
+from synthetic import planted_aggregate, voronoi_regions  # noqa: E402
 
 
 def broadcast_merge(a: torch.Tensor, grid: tuple[int, int], tau: float, iterations: int,

@@ -892,10 +892,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="synthetic", help="synthetic | coco-stuff-27 | cityscapes")
     parser.add_argument("--data", help="dataset root for COCO-Stuff / Cityscapes")
     parser.add_argument("--model", help="model (default: the embedded tiny model)")
-    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--scenes", type=int, default=200, help="number of synthetic held-out scenes (default 200)")
     parser.add_argument("--scene-seed", type=int, default=None,
                         help="first synthetic scene seed (default: the held-out range, 1e9)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated methods: " + ", ".join(METHODS))
     parser.add_argument("--out", default=None, help="write the table as markdown here")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of a dataset")
     parser.add_argument("--tau", type=float, default=None, help="DiffSeg KL threshold (default: calibrated / 1.1)")
@@ -910,8 +911,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mapper smoothing in model pixels (default: 4 px at 512 px, scaled to the model size)")
     parser.add_argument("--size", type=int, default=None, help="model input side (default: native)")
     parser.add_argument("--seed", type=int, default=0, help="seed of k-means and the mapper's noise")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
@@ -1144,8 +1145,9 @@ def write_calibration(directory: str | Path, calibration: dict) -> Path:
         raise EmergentSegError(f"{directory} is not a model folder (no unet/); calibrate a trained model folder")
     config = json.loads(path.read_text()) if path.exists() else {}
     stored = dict(config.get("calibration", {}))
-    for key in ("tau", "tau_quantile"):
-        stored.pop(key, None)
+    if "tau" in calibration or "tau_quantile" in calibration:
+        for key in ("tau", "tau_quantile"):
+            stored.pop(key, None)
     stored.update(calibration)
     config["calibration"] = stored
     path.write_text(json.dumps(config, indent=2) + "\n")
@@ -1161,9 +1163,15 @@ def _run_calibrate(args: argparse.Namespace, bar: Any = None) -> dict:
     size = model_size(backend)
     scenes = make_scenes(args.scenes, seed=args.seed, size=size)
     timesteps = tuple(int(t) for t in str(args.timesteps).split(","))
-    result = calibrate(backend, scenes, timesteps=timesteps, progress=bar() if bar else None)
-    if args.mapper_scenes:
-        result.update(calibrate_mapper(backend, scenes[:args.mapper_scenes], int(result.get("emerdiff_k", 20)),
+    if args.mapper_only:
+        if "emerdiff_k" not in backend.calibration:
+            raise EmergentSegError("--mapper-only needs a stored emerdiff_k; run calibrate without it first")
+        result = {}
+    else:
+        result = calibrate(backend, scenes, timesteps=timesteps, progress=bar() if bar else None)
+    if args.mapper_scenes or args.mapper_only:
+        k = int(result.get("emerdiff_k", backend.calibration.get("emerdiff_k", 20)))
+        result.update(calibrate_mapper(backend, scenes[:args.mapper_scenes or len(scenes)], k,
                                        progress=bar() if bar else None))
     result["native_size"] = size
     summary = {k: v for k, v in result.items() if k not in ("candidates", "emerdiff_k_candidates",
@@ -1190,11 +1198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_eval_arguments(sub.add_parser("eval", help="score methods (same as python -m emergent_seg eval)"))
     cal = sub.add_parser("calibrate", help="pick the fixture's DiffSeg defaults on training-range scenes")
     cal.add_argument("--weights", help="model folder (default: the embedded model, fixture/weights)")
-    cal.add_argument("--scenes", type=int, default=48)
+    cal.add_argument("--scenes", type=int, default=48, help="calibration scenes (default 48)")
     cal.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="first scene seed (< EVAL_SEED)")
     cal.add_argument("--timesteps", default="300", help="comma-separated timesteps to try")
     cal.add_argument("--mapper-scenes", type=int, default=0,
                      help="also pick the mapper preset and sigma on the first N of the scenes (0 = skip)")
+    cal.add_argument("--mapper-only", action="store_true",
+                     help="only the mapper part, with the stored EmerDiff K (e.g. after a new decoder stage)")
     cal.add_argument("--write", action="store_true", help="store the result in <weights>/emergent_seg.json")
     cal.add_argument("--verbose", action="store_true", help="print every candidate's score")
     cal.add_argument("--quiet", action="store_true")

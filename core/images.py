@@ -11,10 +11,36 @@ import torch.nn.functional as F
 from .errors import EmergentSegError
 
 
+#: Largest image decoded (pixels): 64 megapixels is 768 MB as float32 RGB (8K video frames are 33).
+MAX_PIXELS = 64_000_000
+
+
+def check_readable(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` from the file header (nothing decoded); one-line errors for a missing,
+    unreadable or oversized file."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below, with a message that says what to do
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except FileNotFoundError:
+        raise EmergentSegError(f"image {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise EmergentSegError(f"{path} is a folder; pass image files") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise EmergentSegError(f"cannot read image {path} ({exc}); pass a PNG, JPEG or WebP file") from None
+    if w * h > MAX_PIXELS:
+        raise EmergentSegError(f"image {path} is {w}x{h} ({w * h / 1e6:.0f} megapixels); the limit is "
+                               f"{MAX_PIXELS // 1_000_000} megapixels, downscale it first")
+    return h, w
+
+
 def read_image(path: str | Path) -> torch.Tensor:
     """Decode an image file to ``[3,H,W]`` float32 in [0,1] (alpha dropped)."""
     from PIL import Image, UnidentifiedImageError
 
+    check_readable(path)
     try:
         with Image.open(path) as img:
             rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
@@ -88,6 +114,10 @@ def fit_image(image: torch.Tensor, size: str | int | None, multiple: int, native
     if mode == "keep":
         th = max(multiple, int(round(h / multiple)) * multiple)
         tw = max(multiple, int(round(w / multiple)) * multiple)
+        if th * tw > 4 * native * native:
+            raise EmergentSegError(f"--size keep would run the model at {tw}x{th}, more than 4x its native "
+                                   f"{native}x{native} area (attention memory grows with its square); "
+                                   "use --size auto (the default) or a fixed size")
     else:
         th, tw = target
         if th % multiple or tw % multiple:

@@ -29,6 +29,22 @@ class DiffSegSettings:
     strides: tuple[int, ...] | None = None
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Bad values fail here, before any model work, with the same one-line messages the
+        merge gives."""
+        from .diffseg import _check_per_side, _taus
+
+        if self.tau is None and self.tau_quantile is None:
+            raise EmergentSegError("give tau or tau_quantile (DiffSeg's paper: tau = 1.1 on COCO)")
+        if self.tau_quantile is not None and not 0.0 < float(self.tau_quantile) <= 1.0:
+            raise EmergentSegError(f"tau_quantile must be in (0, 1], got {self.tau_quantile!r}")
+        _taus(self.tau if self.tau is not None else 1.0, self.iterations)
+        _check_per_side(self.anchors_per_side)
+        if self.mode not in ("fast", "parity"):
+            raise EmergentSegError(f"mode must be fast or parity, got {self.mode!r}")
+        if not 0 <= int(self.timestep) <= 999:
+            raise EmergentSegError(f"timestep must be in 0..999, got {self.timestep!r} (DiffSeg uses 300)")
+
 
 def check_images(backend: Backend, images: torch.Tensor) -> None:
     if images.ndim != 4 or images.shape[1] != 3:

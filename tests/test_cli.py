@@ -165,3 +165,66 @@ def test_pickle_checkpoint_is_refused(image_path, tmp_path, capsys):
 def test_too_many_clusters(model_dir, image_path, tmp_path, capsys):
     assert segment(model_dir, image_path, tmp_path / "o", "--method", "emerdiff", "--clusters", "300") == 2
     assert "K = 300" in _error(capsys)
+
+
+def _huge_png_header(path, width, height):
+    """A PNG whose header claims ``width x height`` (only the header is ever read)."""
+    import io
+    import struct
+    import zlib
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--tau", "-1"], "tau must be > 0"),
+    (["--iterations", "0"], "iterations must be"),
+    (["--tau-quantile", "1.5"], "tau_quantile must be in (0, 1]"),
+    (["--tau", "1", "--tau-quantile", "0.2"], "not both"),
+    (["--clusters", "1"], "--clusters must be at least 2"),
+    (["--sigma", "-2"], "--sigma must be >= 0"),
+    (["--size", "12xq"], "not understood"),
+])
+def test_bad_options_fail_before_the_model_loads(image_path, tmp_path, capsys, monkeypatch, extra, needle):
+    import emergent_seg.core.backends.loading as loading
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(loading, "load_backend", no_model)
+    assert cli.main(["segment", str(image_path), "--out", str(tmp_path / "o"), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_output_problems_are_one_line_and_early(image_path, tmp_path, capsys, monkeypatch):
+    import emergent_seg.core.backends.loading as loading
+    monkeypatch.setattr(loading, "load_backend", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    assert cli.main(["segment", str(image_path), "--out", str(a_file), "--quiet"]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert cli.main(["segment", str(image_path), "--out", str(a_file / "below"), "--quiet"]) == 2
+    assert "cannot write to --out" in capsys.readouterr().err
+    huge = tmp_path / "huge.png"
+    _huge_png_header(huge, 10000, 10000)
+    assert cli.main(["segment", str(huge), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "10000x10000" in err and "megapixels" in err and err.count("\n") == 1
+
+
+def test_a_rerun_with_fewer_segments_removes_the_stale_masks(model_dir, image_path, tmp_path, capsys):
+    out = tmp_path / "rerun"
+    out.mkdir()
+    for i in range(12):  # an earlier run's masks, more than any run here makes
+        (out / f"scene_seg{i:02d}.png").write_bytes(b"old")
+    (out / "other_seg05.png").write_bytes(b"keep")  # another image's outputs are left alone
+    assert segment(model_dir, image_path, out, "--tau", "0.5") == 0
+    count, _ = check_outputs(out, capsys)
+    assert not any(p.read_bytes() == b"old" for p in out.glob("scene_seg*.png"))
+    assert (out / "other_seg05.png").read_bytes() == b"keep"

@@ -467,3 +467,15 @@ def test_calibrate_mapper_scores_presets_sigmas_and_the_upsampling_baselines(bac
     json.dumps(cal)
     with pytest.raises(EmergentSegError, match="training range"):
         V.calibrate_mapper(backend, make_scenes(1, EVAL_SEED, SIZE), k=2)
+
+
+def test_calibrate_mapper_only_keeps_the_stored_threshold(fixture_dir, tmp_path):
+    import shutil
+    directory = tmp_path / "w"
+    shutil.copytree(fixture_dir, directory)
+    V.write_calibration(directory, {"tau": 0.5, "emerdiff_k": 2})
+    assert V.main(["calibrate", "--weights", str(directory), "--scenes", "1", "--mapper-only", "--write",
+                   "--quiet"]) == 0
+    cal = json.loads((directory / "emergent_seg.json").read_text())["calibration"]
+    assert cal["tau"] == 0.5 and cal["mapper_quality"] in ("fast", "fast-symmetric") and "mapper_sigma" in cal
+    assert cal["mapper_scenes"]["k"] == 2

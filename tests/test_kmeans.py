@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.errors import EmergentSegError
-from core.kmeans import kmeans, kmeans_plus_plus, pairwise_sq_dist
-from tests.synthetic import same_partition
+from emergent_seg.core.errors import EmergentSegError
+from emergent_seg.core.kmeans import kmeans, kmeans_plus_plus, pairwise_sq_dist
+from synthetic import same_partition
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

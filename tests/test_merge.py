@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.diffseg import (
+from emergent_seg.core.diffseg import (
     DEFAULT_TAU,
     _greedy_groups,
     _greedy_parity,
@@ -26,8 +26,8 @@ from core.diffseg import (
     threshold_from_quantile,
     to_segmentation,
 )
-from core.errors import EmergentSegError, Interrupted
-from tests.synthetic import (
+from emergent_seg.core.errors import EmergentSegError, Interrupted
+from synthetic import (
     planted_aggregate,
     random_aggregate,
     rect_regions,
