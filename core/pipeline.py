@@ -29,6 +29,18 @@ class DiffSegSettings:
     strides: tuple[int, ...] | None = None
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def for_model(cls, backend: Backend, **overrides: object) -> "DiffSegSettings":
+        """The settings a model should run with: its stored defaults (``core/defaults.py``: the
+        embedded model's calibrated tau and timestep), else the paper's; ``overrides`` win."""
+        from .defaults import diffseg_threshold, diffseg_timestep
+
+        tau, quantile = diffseg_threshold(backend)
+        if "tau" in overrides or "tau_quantile" in overrides:
+            tau, quantile = overrides.pop("tau", None), overrides.pop("tau_quantile", None)
+        return cls(**{"timestep": diffseg_timestep(backend), "tau": tau, "tau_quantile": quantile,
+                      **overrides})
+
     def __post_init__(self) -> None:
         """Bad values fail here, before any model work, with the same one-line messages the
         merge gives."""

@@ -22,8 +22,9 @@ SPEC = NodeSpec(
         "Runs the connected SD1.x/SD2.x/SDXL model once on the image (no noise, at one timestep, "
         "as DiffSeg does) and records its self-attention, averaged over heads and layers, for KL "
         "Merge. With CLIP and a prompt it also records cross-attention so segments can be named "
-        "after prompt words. The model itself is not changed. Image sides must be multiples of 64 "
-        "(32 for SDXL)."),
+        "after prompt words. The model itself is not changed. Any image size works: the pass runs at "
+        "the nearest multiple of 64 (32 for SDXL) and the segments come back at the image's own "
+        "size."),
     inputs=(
         Input("model", MODEL, "The diffusion model to read attention from (SD1.x, SD2.x or SDXL)."),
         *IMAGE_SOURCE_INPUTS,

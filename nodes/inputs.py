@@ -18,8 +18,9 @@ from .types import IMAGE, LATENT, VAE, Input
 #: The image source of a node that encodes its own image (Capture Attention, Low-Res KMeans):
 #: IMAGE + VAE, or an already encoded LATENT (see :func:`latents_from`).
 IMAGE_SOURCE_INPUTS: tuple[Input, ...] = (
-    Input("image", IMAGE, "Images to segment; needs the VAE. All images of a batch have one size.",
-          optional=True),
+    Input("image", IMAGE, "Images to segment; needs the VAE. Any size: the model runs at the nearest "
+          "multiple of 64 (32 for SDXL) and the segments come back at the image's own size. All "
+          "images of a batch have one size.", optional=True),
     Input("vae", VAE, "The checkpoint's VAE, used to encode the image.", optional=True),
     Input("latent", LATENT, "An already encoded image (e.g. from VAE Encode), used instead of "
           "image + VAE.", optional=True),
@@ -48,9 +49,25 @@ def stack_images(image: Any) -> torch.Tensor:
     return image.reshape(-1, *image.shape[-3:])
 
 
+def processing_size(backend: Any, height: int, width: int) -> tuple[int, int]:
+    """The size an image is run at: its own when both sides are multiples of the model's size
+    step (64 for SD1.x/SD2.x), else the nearest multiples (each side rounded, at least one step).
+    Results always come back at the image's own size."""
+    m = backend.size_multiple()
+    if height % m == 0 and width % m == 0:
+        return height, width
+    return max(m, int(round(height / m)) * m), max(m, int(round(width / m)) * m)
+
+
+def latent_hw(backend: Any, height: int, width: int) -> tuple[int, int]:
+    """Latent ``(h, w)`` the model runs on for an image of ``height x width``."""
+    ph, pw = processing_size(backend, height, width)
+    return ph // backend.latent_scale, pw // backend.latent_scale
+
+
 def latent_size(backend: Any, image: Any, latent: dict | None, node: str) -> tuple[int, int, int]:
-    """``(batch, H, W)`` in pixels of what :func:`latents_from` would encode, without encoding
-    (for checks that should fail before any model work)."""
+    """``(batch, H, W)`` in pixels of the image :func:`latents_from` would encode (its own size,
+    before any fitting), without encoding (for checks that should fail before any model work)."""
     if latent is not None:
         samples = _samples(latent)
         s = backend.latent_scale
@@ -87,9 +104,14 @@ def latents_from(backend: Any, image: Any, latent: dict | None,
     if image is None:
         raise EmergentSegError(f"connect an image (with the VAE) or a latent to {node}")
     images = stack_images(image)
-    check_size(backend, int(images.shape[1]), int(images.shape[2]))
+    height, width = int(images.shape[1]), int(images.shape[2])
     core_images = images[..., :3].movedim(-1, 1).float()
-    return backend.encode(core_images), (int(images.shape[1]), int(images.shape[2]))
+    ph, pw = processing_size(backend, height, width)
+    if (ph, pw) != (height, width):  # any size: run at the nearest fitting size, answer at the own
+        core_images = torch.nn.functional.interpolate(core_images, size=(ph, pw), mode="bilinear",
+                                                      align_corners=False,
+                                                      antialias=ph < height or pw < width).clamp(0, 1)
+    return backend.encode(core_images), (height, width)
 
 
 def conditioning_from(backend: Any, clip: Any, prompt: str | None, conditioning: list | None,

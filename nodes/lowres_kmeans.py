@@ -12,6 +12,7 @@ from ..core.errors import EmergentSegError
 from ..core.segmentation import Segmentation
 from ..core.sites import AttentionSite
 from .inputs import IMAGE_SOURCE_INPUTS, conditioning_from, latent_size, latents_from, make_backend
+from .inputs import latent_hw as run_latent_hw
 from .types import (CLIP, CONDITIONING, INT, MODEL, SEGMENTATION, STRING, Input, NodeResult, NodeSpec,
                     Output, host_progress)
 
@@ -27,10 +28,11 @@ SPEC = NodeSpec(
     description=(
         "EmerDiff, stage 1: adds a little noise (timestep 1) to the image's latent, runs the "
         "connected SD1.x/SD2.x/SDXL model once and clusters the queries of the first "
-        "cross-attention layer of its ~16x16 decoder block into K segments. The result is coarse "
+        "cross-attention layer of its decoder block at 1/32 of the image side (16x16 for SD1.x at 512 px) into K segments. The result is coarse "
         "(one label per token cell, shown upsampled); feed it to Modulated Denoise Mapper for "
         "pixel-sharp masks. The info output names the block and grid actually used. The model "
-        "itself is not changed. Image sides must be multiples of 64 (32 for SDXL)."),
+        "itself is not changed. Any image size works: the model runs at the nearest multiple of 64 "
+        "(32 for SDXL) and the segments come back at the image's own size."),
     inputs=(
         Input("model", MODEL, "The diffusion model to read features from (SD1.x, SD2.x or SDXL)."),
         *IMAGE_SOURCE_INPUTS,
@@ -84,8 +86,9 @@ def run(model: Any, image: torch.Tensor | None = None, vae: Any = None, latent: 
     backend = make_backend(model, vae, clip, progress, backend_factory)
     # Check what can be checked before the VAE and the UNet run.
     _, height, width = latent_size(backend, image, latent, name)
-    check_size(backend, height, width)
-    latent_hw = (height // backend.latent_scale, width // backend.latent_scale)
+    if latent is not None:  # an image of any size is fitted; a latent must fit as it is
+        check_size(backend, height, width)
+    latent_hw = run_latent_hw(backend, height, width)
     site = E.choose_site(backend, latent_hw, int(grid), int(layer))
     g = site.grid(latent_hw)
     if int(clusters) > g[0] * g[1]:

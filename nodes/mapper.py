@@ -12,6 +12,7 @@ from ..core.errors import EmergentSegError
 from ..core.emerdiff import carry_words
 from ..core.segmentation import Segmentation
 from .inputs import conditioning_from, latent_size, latents_from, make_backend
+from .inputs import latent_hw as run_latent_hw
 from .lowres_kmeans import SEED_MAX, SEED_TOOLTIP, on_cpu, site_text
 from .types import (CLIP, COMBO, CONDITIONING, FLOAT, IMAGE, INT, LATENT, MODEL, SEGMENTATION, STRING,
                     VAE, Input, NodeResult, NodeSpec, Output, host_progress)
@@ -24,7 +25,8 @@ SPEC = NodeSpec(
     display_name="Modulated Denoise Mapper",
     description=(
         "EmerDiff, stage 2: turns a coarse segmentation into pixel-sharp segments. For each low-res "
-        "segment it nudges the output of the model's ~16x16 decoder cross-attention inside the "
+        "segment it nudges the output of the model's decoder cross-attention at 1/32 of the image side "
+        "(16x16 for SD1.x at 512 px) inside the "
         "segment (strength lambda) while denoising the image from t_m, decodes the result with the "
         "VAE, and gives every pixel to the segment whose nudge changed it most. Takes Low-Res KMeans "
         "output, or any segmentation (e.g. KL Merge's), which is pooled to the block's grid "
@@ -97,16 +99,17 @@ def run(model: Any, vae: Any, image: torch.Tensor | None = None, latent: dict | 
     progress = host_progress()
     backend = make_backend(model, vae, clip, progress, backend_factory)
     batch, height, width = latent_size(backend, image, latent, name)
-    check_size(backend, height, width)
+    if latent is not None:  # an image of any size is fitted; a latent must fit as it is
+        check_size(backend, height, width)
     if seg.size != (height, width):
         raise EmergentSegError(f"the segmentation is {seg.size[1]}x{seg.size[0]} but the image is "
                                f"{width}x{height}; connect the segmentation made from this image")
     if seg.batch_size not in (1, batch):
         raise EmergentSegError(f"the segmentation has {seg.batch_size} images but {batch} images were "
                                "connected; connect the image batch that was segmented")
-    latent_hw = (height // backend.latent_scale, width // backend.latent_scale)
+    latent_hw = run_latent_hw(backend, height, width)
     # A Low-Res KMeans result is modulated where its features came from; anything else at the
-    # paper's ~16x16 block.
+    # paper's grid (1/32 of the image side).
     if seg.lowres is not None:
         requested: int | tuple[int, int] = tuple(int(v) for v in seg.lowres.shape[-2:])
         layer = int(seg.info.get("layer", E.DEFAULT_LAYER))

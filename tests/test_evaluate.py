@@ -479,3 +479,18 @@ def test_calibrate_mapper_only_keeps_the_stored_threshold(fixture_dir, tmp_path)
     cal = json.loads((directory / "emergent_seg.json").read_text())["calibration"]
     assert cal["tau"] == 0.5 and cal["mapper_quality"] in ("fast", "fast-symmetric") and "mapper_sigma" in cal
     assert cal["mapper_scenes"]["k"] == 2
+
+
+def test_diffseg_settings_for_a_model_use_its_stored_defaults(backend):
+    from emergent_seg.core.pipeline import DiffSegSettings
+
+    fake = type("B", (), {"calibration": {"tau": 0.07, "timestep": 250}})()
+    s = DiffSegSettings.for_model(fake)
+    assert (s.tau, s.tau_quantile, s.timestep) == (0.07, None, 250)
+    s = DiffSegSettings.for_model(fake, tau_quantile=0.3, mode="parity")
+    assert (s.tau, s.tau_quantile, s.mode) == (None, 0.3, "parity")
+    assert DiffSegSettings.for_model(backend).tau == 1.1  # no stored tau: the paper's value
+    with pytest.raises(EmergentSegError, match="iterations"):
+        DiffSegSettings(iterations=0)
+    with pytest.raises(EmergentSegError, match="tau must be > 0"):
+        DiffSegSettings(tau=-1.0)

@@ -81,6 +81,9 @@ def image():
 
 def kmeans(model, **kw):
     kw.setdefault("clip", object())
+    # The tiny models run at 128 px, where the auto grid (1/32 of the side) is 4x4; these tests
+    # were written around the 16x16 grid that SD1.x has at 512 px, so they ask for it.
+    kw.setdefault("grid", 16)
     return lk_node.run(model, backend_factory=HostBackend, **kw).outputs
 
 
@@ -122,7 +125,8 @@ def test_specs_ids_tooltips_and_defaults():
                                                    "conditioning", "clusters", "timestep", "rng_seed",
                                                    "grid", "layer"]
     assert (lk["clusters"].default, lk["clusters"].min) == (20, 2)
-    assert (lk["timestep"].default, lk["grid"].default, lk["layer"].default) == (1, 16, 0)
+    # grid 0 = auto: the decoder grid at 1/32 of the image side (16x16 for SD1.x at 512 px)
+    assert (lk["timestep"].default, lk["grid"].default, lk["layer"].default) == (1, 0, 0)
     assert lk["rng_seed"].display_name == "seed" and lk["prompt"].default == ""
     mp = {i.id: i for i in map_node.SPEC.inputs}
     assert [i.id for i in map_node.SPEC.inputs] == ["model", "vae", "image", "latent", "segmentation",
@@ -204,6 +208,15 @@ def test_lowres_kmeans_grid_choice_is_reported(sd15, image):
     assert seg8.info["site"] != seg.info["site"]
     layer1, info1 = kmeans(sd15, image=image, clusters=2, layer=1)
     assert "attentions.1" in layer1.info["site"] and layer1.info["layer"] == 1
+
+
+def test_auto_grid_is_one_32nd_of_the_image_and_any_size_works(sd15):
+    seg, info = kmeans(sd15, image=torch.rand(1, 256, 256, 3), clusters=2, grid=0)
+    assert seg.info["grid"] == [8, 8] and "auto: 1/32 of the image side" in info
+    odd, _ = kmeans(sd15, image=torch.rand(1, 100, 130, 3), clusters=2)  # run at 128x128
+    assert odd.labels.shape == (1, 100, 130) and odd.lowres.shape == (1, 16, 16)
+    out, _ = mapper(sd15, odd, image=torch.rand(1, 100, 130, 3))
+    assert out.labels.shape == (1, 100, 130)
 
 
 def test_sdxl_layout_reports_the_grid_it_used(image):
@@ -339,7 +352,7 @@ def test_bad_inputs_in_one_sentence(sd15, image):
         (lambda: kmeans(sd15, image=image, clusters=65, grid=8), "only 64 cells"),
         (lambda: kmeans(sd15, image=image, clip=None), "CLIP"),
         (lambda: kmeans(sd15), "connect an image"),
-        (lambda: kmeans(sd15, image=torch.rand(1, 100, 128, 3)), "multiple of 64"),
+        (lambda: kmeans(sd15, latent={"samples": torch.zeros(1, 4, 12, 16)}), "multiple of 64"),
         (lambda: kmeans(sd15, image=image, layer=5), "layer 5 does not exist"),
         (lambda: kmeans(_no_decoder_cross_attention(), image=image, clusters=2),
          "no cross-attention layers in its decoder"),

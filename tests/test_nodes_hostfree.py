@@ -199,7 +199,7 @@ def test_capture_without_prompt_or_with_conditioning_has_no_words():
 @pytest.mark.parametrize("kw, match", [
     (dict(latent={"samples": torch.zeros(1, 4, 8, 8)}), "CLIP"),
     (dict(clip=object()), "image"),
-    (dict(image=torch.rand(1, 100, 64, 3), clip=object()), "64x128"),
+    (dict(latent={"samples": torch.zeros(1, 4, 12, 8)}, clip=object()), "64x128"),
     (dict(image=[torch.rand(1, 64, 64, 3), torch.rand(1, 128, 64, 3)], clip=object()), "different sizes"),
     (dict(image=torch.rand(1, 64, 64, 3), latent={"samples": torch.zeros(1, 4, 16, 16)}, clip=object()),
      "only one"),
@@ -210,6 +210,16 @@ def test_capture_bad_inputs_in_one_sentence(kw, match):
     with pytest.raises(EmergentSegError, match=match) as err:
         _capture(**kw)
     assert "\n" not in str(err.value)
+
+
+def test_any_image_size_runs_at_the_nearest_fit_and_answers_at_its_own_size():
+    from emergent_seg.nodes import kl_merge as kl_node
+
+    cap = _capture(image=torch.rand(1, 100, 72, 3), clip=object())
+    assert cap.image_size == (100, 72)  # the image's own size ...
+    assert cap.grid == (16, 8)          # ... run at 128x64 (sides rounded to multiples of 64)
+    seg = kl_node.run(cap, tau=0.5).outputs[0]
+    assert seg.labels.shape == (1, 100, 72)
 
 
 def test_stack_images():
