@@ -661,3 +661,52 @@ def ui_payload(seg: Segmentation, max_side: int = 128) -> list[dict]:
             "segments": segments,
         })
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Regions (Impact Pack's SEGS, built by nodes/segs.py)
+# ---------------------------------------------------------------------------------------------
+
+def crop_region(bbox: tuple[int, int, int, int], width: int, height: int,
+                crop_factor: float) -> tuple[int, int, int, int]:
+    """``bbox`` ``(x1, y1, x2, y2)`` (exclusive ends) grown ``crop_factor`` times around its centre
+    and shifted/clipped to stay inside the image, as detailer crops are."""
+    x1, y1, x2, y2 = bbox
+    cw = min(width, max(1, int(round((x2 - x1) * crop_factor))))
+    ch = min(height, max(1, int(round((y2 - y1) * crop_factor))))
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    nx1 = int(round(cx - cw / 2))
+    ny1 = int(round(cy - ch / 2))
+    nx1 = min(max(0, nx1), width - cw)
+    ny1 = min(max(0, ny1), height - ch)
+    return nx1, ny1, nx1 + cw, ny1 + ch
+
+
+def segment_regions(seg: Segmentation, image: int, selected: Sequence[int], crop_factor: float = 3.0,
+                    drop_size: int = 1) -> list[dict]:
+    """One entry per selected segment of image ``image`` whose bounding box is at least
+    ``drop_size`` pixels on both sides: ``index``, ``word``, ``bbox`` and ``crop_region``
+    ``(x1, y1, x2, y2)`` (exclusive ends), ``mask`` (float32 ``[h, w]`` of the segment inside the
+    crop region) and ``area`` (fraction of the image)."""
+    if crop_factor < 1.0:
+        raise EmergentSegError(f"crop_factor must be >= 1 (1 = the tight box), got {crop_factor}")
+    if drop_size < 1:
+        raise EmergentSegError(f"drop_size must be >= 1 pixel, got {drop_size}")
+    labels = seg.labels[image]
+    height, width = int(labels.shape[0]), int(labels.shape[1])
+    out = []
+    for i in selected:
+        mask = labels == int(i)
+        ys = torch.nonzero(mask.any(1)).flatten()
+        xs = torch.nonzero(mask.any(0)).flatten()
+        if ys.numel() == 0:
+            continue
+        bbox = (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
+        if bbox[2] - bbox[0] < drop_size or bbox[3] - bbox[1] < drop_size:
+            continue
+        region = crop_region(bbox, width, height, float(crop_factor))
+        x1, y1, x2, y2 = region
+        out.append({"index": int(i), "word": seg.word(image, int(i)), "bbox": bbox, "crop_region": region,
+                    "mask": mask[y1:y2, x1:x2].to(torch.float32).cpu(),
+                    "area": float(mask.float().mean())})
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from . import capture, kl_merge, lowres_kmeans, mapper, mask_output
+from . import capture, kl_merge, lowres_kmeans, mapper, mask_output, segs
 from .types import COMBO, WIDGETS, Input, NodeResult, NodeSpec
 
 #: (spec, run) of every node, in menu order. Node ids are stable forever (docs/CONTRACTS.md).
@@ -20,6 +20,7 @@ NODES: tuple[tuple[NodeSpec, Callable[..., NodeResult]], ...] = (
     (mask_output.SPEC, mask_output.run),
     (lowres_kmeans.SPEC, lowres_kmeans.run),
     (mapper.SPEC, mapper.run),
+    (segs.SPEC, segs.run),
 )
 #: Optional pre-run checks, ``validate(**some_inputs) -> error sentence | None``; ComfyUI passes
 #: only the inputs named in the signature (and then skips its own min/max check for those).

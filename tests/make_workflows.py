@@ -83,7 +83,7 @@ def diffseg_segment() -> Workflow:
         "DiffSeg (Tian et al., CVPR 2024) with the checkpoint you already have: no extra model, "
         "no training.\n\n"
         "1. Load any SD1.x checkpoint (SD2.x and SDXL work too) and an image. Upscale Image makes "
-        "it 512x512 (sides must be multiples of 64; use 1024 for SDXL).\n"
+        "it 512x512, the size SD1.x was trained at (any size works; use 1024 for SDXL).\n"
         "2. Capture Attention runs the UNet once (t = 300, no noise) and averages its "
         "self-attention. A prompt there (e.g. a caption) names segments after its words.\n"
         "3. KL Merge groups the attention into segments: lower tau = more, smaller segments.\n"
@@ -108,7 +108,7 @@ def emerdiff_segment() -> Workflow:
     ckpt, _image, scale = _inputs(wf)
     _note(wf, (0, 520), (
         "EmerDiff (Namekata et al., ICLR 2024) with the checkpoint you already have.\n\n"
-        "1. Low-Res KMeans clusters the UNet's 16x16 decoder features into K segments (clusters; "
+        "1. Low-Res KMeans clusters the UNet's decoder features at 1/32 of the image side (16x16 at 512 px) into K segments (clusters; "
         "10-40 work about equally well). Coarse: one label per 32x32-pixel cell.\n"
         "2. Modulated Denoise Mapper nudges each coarse segment's cross-attention while "
         "denoising and gives every pixel to the segment whose nudge changed it most: "
@@ -193,7 +193,7 @@ def diffseg_refined_by_mapper() -> Workflow:
     _note(wf, (0, 520), (
         "DiffSeg segments, sharpened by EmerDiff's Modulated Denoise Mapper.\n\n"
         "KL Merge's segments follow the 64x64 attention grid (8-pixel steps). The mapper pools "
-        "them to the UNet's 16x16 decoder grid, nudges each one while denoising and gives every "
+        "them to the UNet's decoder grid (16x16 at 512 px), nudges each one while denoising and gives every "
         "pixel to the segment whose nudge changed it most, so edges follow the image. Words "
         "from a Capture Attention prompt carry over. Cost: one UNet evaluation and one VAE "
         "decode per segment, plus one (quality = fast).\n\n"

@@ -54,7 +54,7 @@ def test_plain_import_exposes_nothing_comfy():
 def test_specs_follow_the_contract():
     ids = [spec.node_id for spec, _ in NODES]
     assert ids == ["EmergentSegCaptureAttention", "EmergentSegKLMerge", "EmergentSegMaskOutput",
-                   "EmergentSegLowResKMeans", "EmergentSegModulatedDenoiseMapper"]
+                   "EmergentSegLowResKMeans", "EmergentSegModulatedDenoiseMapper", "EmergentSegToSEGS"]
     contracts = open(os.path.join(ROOT, "docs", "CONTRACTS.md")).read()
     for spec, run in NODES:
         assert f"| {spec.node_id} | {spec.display_name} |" in contracts

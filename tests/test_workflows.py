@@ -67,7 +67,7 @@ def test_defaults_suit_sd15_at_512(name):
     assert by_type["LoadImage"] == [{"image": "example.png"}]
     assert by_type["CheckpointLoaderSimple"] == [{"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}]
     for inputs in by_type.get("EmergentSegLowResKMeans", []):
-        assert inputs["clusters"] <= 256 and inputs["grid"] == 16      # 16x16 block of SD1.5 at 512
+        assert inputs["clusters"] <= 256 and inputs["grid"] == 0       # auto: 16x16 for SD1.5 at 512
 
 
 def test_frontend_widget_order():
