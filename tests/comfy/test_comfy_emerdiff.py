@@ -101,7 +101,7 @@ def test_v3_schema_with_the_hosts_comfy_api():
 
 def test_both_nodes_on_a_tiny_sd1_unet(sd1, vae):
     image = scene(2)
-    seg, info = lk_node.run(sd1, image=image, vae=vae, conditioning=sd1_conditioning(), clusters=3).outputs
+    seg, info = lk_node.run(sd1, grid=16, image=image, vae=vae, conditioning=sd1_conditioning(), clusters=3).outputs
     assert seg.labels.shape == (2, SIZE, SIZE) and seg.lowres.shape == (2, 16, 16)
     assert all(1 <= c <= 3 for c in seg.counts)
     # 128 px = 16x16 latent: the decoder's 16x16 cross-attention is output 9 (ComfyUI's keys)
@@ -118,7 +118,7 @@ def test_both_nodes_on_a_tiny_sd1_unet(sd1, vae):
     assert overlay.shape == (2, SIZE, SIZE, 3)
     # the same segmentation from a LATENT (VAE Encode) instead of image + VAE
     latent = {"samples": vae.encode(image)}
-    again, _ = lk_node.run(sd1, latent=latent, conditioning=sd1_conditioning(), clusters=3).outputs
+    again, _ = lk_node.run(sd1, grid=16, latent=latent, conditioning=sd1_conditioning(), clusters=3).outputs
     assert torch.equal(again.labels, seg.labels)
 
 
@@ -127,7 +127,7 @@ def test_the_model_is_bit_identical_after_both_nodes(sd1, vae):
     latent = torch.zeros(1, 4, 8, 8)
     before = untouched(sd1)
     sampled = _sample(sd1, pos, neg, latent)
-    seg, _ = lk_node.run(sd1, image=scene(), vae=vae, conditioning=pos, clusters=2).outputs
+    seg, _ = lk_node.run(sd1, grid=16, image=scene(), vae=vae, conditioning=pos, clusters=2).outputs
     map_node.run(sd1, vae, image=scene(), segmentation=seg, conditioning=pos, quality="fast-symmetric",
                  max_batch=3)
     assert torch.equal(sampled, _sample(sd1, pos, neg, latent))
@@ -135,7 +135,7 @@ def test_the_model_is_bit_identical_after_both_nodes(sd1, vae):
 
 
 def test_cancel_in_the_middle_of_the_mapper_leaves_no_patch(sd1, vae):
-    seg, _ = lk_node.run(sd1, image=scene(), vae=vae, conditioning=sd1_conditioning(), clusters=2).outputs
+    seg, _ = lk_node.run(sd1, grid=16, image=scene(), vae=vae, conditioning=sd1_conditioning(), clusters=2).outputs
     before = untouched(sd1)
     events = []
 
@@ -159,7 +159,7 @@ def test_cancel_in_the_middle_of_the_mapper_leaves_no_patch(sd1, vae):
 
 
 def test_progress_reaches_the_host_bar(sd1, vae):
-    seg, _ = lk_node.run(sd1, image=scene(), vae=vae, conditioning=sd1_conditioning(), clusters=2).outputs
+    seg, _ = lk_node.run(sd1, grid=16, image=scene(), vae=vae, conditioning=sd1_conditioning(), clusters=2).outputs
     events = []
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: events.append((value, total)))
     try:
@@ -175,7 +175,7 @@ def test_progress_reaches_the_host_bar(sd1, vae):
 
 def test_sdxl_layout_reports_the_grid_it_used(vae):
     sdxl = cs.tiny_sdxl_model(seed=0)
-    seg, info = lk_node.run(sdxl, image=scene(), vae=vae, conditioning=sdxl_conditioning(),
+    seg, info = lk_node.run(sdxl, grid=16, image=scene(), vae=vae, conditioning=sdxl_conditioning(),
                             clusters=2).outputs
     # SDXL has no 16x16 decoder cross-attention at 128 px (no attention at the top level): 8x8
     assert seg.info["grid"] == [8, 8] and seg.lowres.shape == (1, 8, 8)
@@ -191,12 +191,12 @@ def test_sdxl_layout_reports_the_grid_it_used(vae):
 
 
 def test_bad_inputs_in_one_sentence(sd1, vae):
-    seg, _ = lk_node.run(sd1, image=scene(), vae=vae, conditioning=sd1_conditioning(), clusters=2).outputs
+    seg, _ = lk_node.run(sd1, grid=16, image=scene(), vae=vae, conditioning=sd1_conditioning(), clusters=2).outputs
     cases = [
-        (lambda: lk_node.run(sd1, image=scene(), vae=vae, conditioning=sd1_conditioning(), clusters=257),
+        (lambda: lk_node.run(sd1, grid=16, image=scene(), vae=vae, conditioning=sd1_conditioning(), clusters=257),
          "only 256 cells"),
-        (lambda: lk_node.run(sd1, image=scene(), vae=vae), "CLIP"),
-        (lambda: lk_node.run(sd1, image=scene(), conditioning=sd1_conditioning()), "VAE"),
+        (lambda: lk_node.run(sd1, grid=16, image=scene(), vae=vae), "CLIP"),
+        (lambda: lk_node.run(sd1, grid=16, image=scene(), conditioning=sd1_conditioning()), "VAE"),
         (lambda: map_node.run(sd1, vae, image=scene(), segmentation=seg, conditioning=sd1_conditioning(),
                               lam=0.0), "lambda"),
         (lambda: map_node.run(sd1, vae, image=scene(size=64), segmentation=seg,
@@ -211,7 +211,7 @@ def test_bad_inputs_in_one_sentence(sd1, vae):
         assert one_sentence(str(err.value)), str(err.value)
     flux = tiny_flux_model()
     with pytest.raises(UnsupportedModelError) as err:
-        lk_node.run(flux, latent={"samples": torch.zeros(1, 16, 8, 8)}, conditioning=sd1_conditioning())
+        lk_node.run(flux, grid=16, latent={"samples": torch.zeros(1, 16, 8, 8)}, conditioning=sd1_conditioning())
     assert "Flux" in str(err.value) and one_sentence(str(err.value))
     assert_untouched(sd1, before)
 
@@ -237,7 +237,7 @@ def test_sd15_checkpoint_kmeans_mapper_and_ksampler_unchanged(checkpoint):
     before_options = untouched(model)
     before = sample()
     image = scene()
-    seg, info = lk_node.run(model, image=image, vae=vae, clip=clip, prompt="", clusters=3).outputs
+    seg, info = lk_node.run(model, grid=16, image=image, vae=vae, clip=clip, prompt="", clusters=3).outputs
     assert seg.info["site"] == "output.9.0.attn2" and seg.lowres.shape == (1, 16, 16)
     assert "(16x16 grid)" in info and seg.labels.shape == (1, SIZE, SIZE)
     out, minfo = map_node.run(model, vae, image=image, segmentation=seg, clip=clip).outputs

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 NODE_IDS = ("EmergentSegCaptureAttention", "EmergentSegKLMerge", "EmergentSegMaskOutput",
-            "EmergentSegLowResKMeans", "EmergentSegModulatedDenoiseMapper")
+            "EmergentSegLowResKMeans", "EmergentSegModulatedDenoiseMapper", "EmergentSegToSEGS")
 SIZE = 256
 
 
