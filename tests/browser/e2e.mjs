@@ -267,6 +267,9 @@ async function checkOverlay(page) {
   await page.waitForFunction((id) => window.__esEvents.some((e) => e.type === "execution_error")
     || window.app.graph.getNodeById(id).__emergentSegOverlay.payload !== window.__esPrevPayload,
   result.loaded.maskOutputId, { timeout: cfg.timeoutMs, polling: 500 });
+  // The overlay arrives with Mask Output's "executed"; the run's end (execution_success) comes
+  // after it, so wait for that too before reading the events.
+  await waitForRun(page);
   result.requeue = await page.evaluate(() => window.__esEvents);
   step(`re-queued with the clicked selection: ${JSON.stringify(result.requeue.map((e) => e.type))}`);
   await page.waitForTimeout(1000);
