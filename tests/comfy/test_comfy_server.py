@@ -223,10 +223,21 @@ def test_bad_selection_is_refused_before_anything_runs(server):
     assert any("'!' must be followed by a segment" in d for d in details), body
 
 
-def test_bad_size_reaches_the_user_as_one_sentence(server):
+def test_any_image_size_runs_and_answers_at_its_own_size(server):
+    """200x200 is not a multiple of 64: the pass runs at 192x192 and every output is 200x200."""
     hist = server.run(graph("odd.png"))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    out = hist["outputs"]
+    assert server.image(out["6"]["images"][0]).size == (200, 200)
+    assert {server.image(r).size for r in out["10"]["images"]} == {(200, 200)}
+
+
+def test_a_run_time_error_reaches_the_user_as_one_sentence(server):
+    prompt = graph("odd.png")
+    prompt["5"]["inputs"]["selection"] = "zebra"  # a word the prompt does not have
+    hist = server.run(prompt)
     assert hist["status"]["status_str"] == "error"
     errors = [m[1] for m in hist["status"]["messages"] if m[0] == "execution_error"]
-    assert errors and errors[0]["node_type"] == "EmergentSegCaptureAttention"
+    assert errors and errors[0]["node_type"] == "EmergentSegMaskOutput"
     msg = errors[0]["exception_message"].strip()
-    assert "200x200" in msg and "192x192" in msg and "\n" not in msg, msg
+    assert "zebra" in msg and "\n" not in msg, msg
