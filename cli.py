@@ -193,9 +193,12 @@ def write_outputs(out: Path, stem: str, image: torch.Tensor, seg) -> list[Path]:
 def check_segment_args(args: argparse.Namespace) -> None:
     """Every option, the images and the output folder are checked before the model loads, so a
     typo costs milliseconds, not a model load and a UNet pass."""
+    from .core.backends.loading import check_model_path
     from .core.images import check_readable, parse_size
     from .core.pipeline import DiffSegSettings
 
+    if args.model:
+        check_model_path(args.model)
     parse_size(args.size)
     if args.tau is not None and args.tau_quantile is not None:
         raise EmergentSegError("give --tau or --tau-quantile, not both")

@@ -170,7 +170,8 @@ def choose_site(backend: Backend | Sequence[AttentionSite], latent_hw: tuple[int
 
     Among the sites with stage ``"up"`` and kind ``"cross"``, take the resolution whose token grid
     at ``latent_hw`` is nearest to ``grid`` (by log of the geometric-mean side; ties go to the
-    coarser grid; ``grid = 0``: nearest to 1/32 of the image side, :data:`GRID_FRACTION`), then the ``layer``-th spatial transformer of that resolution (in execution
+    coarser grid; ``grid = 0``: nearest to 1/32 of the image side, :data:`GRID_FRACTION`, with the
+    image side = latent side x ``backend.latent_scale``, or x 8 when only sites are given), then the ``layer``-th spatial transformer of that resolution (in execution
     order) and its ``depth``-th transformer block. ``site.grid(latent_hw)`` tells which grid was
     used.
 

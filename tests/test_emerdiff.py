@@ -23,6 +23,9 @@ from hypothesis import strategies as st
 from tiny_models import random_conditioning, tiny_backend
 
 HW = (32, 32)
+#: The mechanics tests below run the tiny pixel-space UNet on a 32x32 input and modulate its 16x16
+#: decoder grid (the grid SD1.x has at 512 px); the default, auto grid is tested on its own.
+GRID = 16
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,26 +59,35 @@ EXACT_BATCH = 3
 
 @pytest.fixture(scope="module")
 def fast_maps(sd15, latent) -> E.DifferenceMaps:
-    return E.difference_maps(sd15, latent, _masks(), lam=10.0, steps="fast", max_batch=EXACT_BATCH)
+    return E.difference_maps(sd15, latent, _masks(), lam=10.0, steps="fast", max_batch=EXACT_BATCH, grid=GRID)
 
 
 # ---------------------------------------------------------------------------------------------
 # site choice
 # ---------------------------------------------------------------------------------------------
 
-def test_choose_site_picks_16x16_decoder_cross_attention(sd15):
-    site = E.choose_site(sd15, HW)
-    assert site.key == "up_blocks.2.attentions.0.transformer_blocks.0.attn2"
-    assert (site.stage, site.kind, site.depth, site.grid(HW)) == ("up", "cross", 0, (16, 16))
-    # SD1.5 at 512 px (64x64 latent): the paper's up_blocks[1].attentions[0]...attn2
-    assert E.choose_site(sd15, (64, 64)).key == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
-    assert E.choose_site(sd15, HW, layer=2).key == "up_blocks.2.attentions.2.transformer_blocks.0.attn2"
+def test_choose_site_picks_the_decoder_grid_at_one_32nd_of_the_image(sd15):
+    # auto (grid 0): 1/32 of the image side. Sites given as a list are read as an f = 8 latent
+    # model's. SD1.5 at 512 px (64x64 latent): the paper's up_blocks[1].attentions[0]...attn2, 16x16
+    sites = sd15.sites()
+    site = E.choose_site(sites, (64, 64))
+    assert site.key == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    assert (site.stage, site.kind, site.depth, site.grid((64, 64))) == ("up", "cross", 0, (16, 16))
+    # 256 px (32x32 latent): the 8x8 grid, the same 1/32 ratio (the embedded model's choice)
+    assert E.choose_site(sites, HW).grid(HW) == (8, 8)
+    # 768 px (96x96 latent): 24x24
+    assert E.choose_site(sites, (96, 96)).grid((96, 96)) == (24, 24)
+    # this pixel-space backend (latent = image): 1/32 of a 256 px image is 8 -> the 8x8 grid
+    # an explicit grid picks the nearest decoder grid to it
+    site = E.choose_site(sd15, HW, grid=16)
+    assert site.key == "up_blocks.2.attentions.0.transformer_blocks.0.attn2" and site.grid(HW) == (16, 16)
+    assert E.choose_site(sd15, HW, grid=16, layer=2).key == "up_blocks.2.attentions.2.transformer_blocks.0.attn2"
     # nearest grid when no 16x16 exists: 48x48 latent -> grids 24/12/6 -> 12x12 is nearest (log scale)
-    assert E.choose_site(sd15, (48, 48)).grid((48, 48)) == (12, 12)
+    assert E.choose_site(sd15, (48, 48), grid=16).grid((48, 48)) == (12, 12)
     sdxl = tiny_backend("sdxl")
-    s = E.choose_site(sdxl, HW, depth=1)
+    s = E.choose_site(sdxl, HW, grid=16, depth=1)
     assert s.key == "up_blocks.1.attentions.0.transformer_blocks.1.attn2" and s.grid(HW) == (16, 16)
-    assert E.choose_site(sdxl, (128, 128)).grid((128, 128)) == (32, 32)  # SDXL-like: nearest is 32
+    assert E.choose_site(sdxl.sites(), (128, 128)).grid((128, 128)) == (32, 32)  # SDXL at 1024 px: 32x32
     with pytest.raises(EmergentSegError, match="layer 3 does not exist"):
         E.choose_site(sd15, HW, layer=3)
     with pytest.raises(EmergentSegError, match="depth 1 does not exist"):
@@ -92,9 +104,9 @@ def test_model_without_decoder_cross_attention_is_rejected():
         cross_attention_dim=16, attention_head_dim=4).eval()
     backend = DiffusersBackend(unet, encode_prompt=lambda p: random_conditioning(unet))
     with pytest.raises(UnsupportedModelError, match="no cross-attention layers in its decoder"):
-        E.choose_site(backend, HW)
+        E.choose_site(backend, HW, grid=GRID)
     with pytest.raises(UnsupportedModelError):
-        E.lowres_kmeans(backend, torch.zeros(1, 4, *HW), k=2)
+        E.lowres_kmeans(backend, torch.zeros(1, 4, *HW), k=2, grid=GRID)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,13 +114,13 @@ def test_model_without_decoder_cross_attention_is_rejected():
 # ---------------------------------------------------------------------------------------------
 
 def test_features_are_the_queries_of_the_chosen_site(sd15, latent):
-    site = E.choose_site(sd15, HW)
+    site = E.choose_site(sd15, HW, grid=GRID)
     module = sd15._modules[site.key]
     seen = []
     handle = module.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
     try:
-        feats = E.extract_features(sd15, latent, timestep=1, seed=3)
+        feats = E.extract_features(sd15, latent, timestep=1, seed=3, grid=GRID)
     finally:
         handle.remove()
     assert len(seen) == 1  # norm2(h), the attn2 input
@@ -146,17 +158,17 @@ def test_kmeans_masks_partition_are_seeded_and_recover_planted_clusters():
 
 def test_lowres_kmeans_segmentation(sd15, latent):
     two = torch.cat([latent, latent.flip(-1)])
-    seg = E.lowres_kmeans(sd15, two, k=4, seed=1)
+    seg = E.lowres_kmeans(sd15, two, k=4, seed=1, grid=GRID)
     assert isinstance(seg, Segmentation) and seg.labels.shape == (2, *HW) and seg.lowres.shape == (2, 16, 16)
     assert seg.info["grid"] == [16, 16] and seg.info["evaluations"] == 2 and seg.method == "emerdiff-kmeans"
     assert all(c <= 4 for c in seg.counts)
     # labels = the grid upsampled (nearest)
     assert torch.equal(seg.labels, E.upsample_labels(seg.lowres, HW))
     # one image alone gives the same result as in the batch (shared noise sample, per-item k-means)
-    alone = E.lowres_kmeans(sd15, two[1:], k=4, seed=1)
+    alone = E.lowres_kmeans(sd15, two[1:], k=4, seed=1, grid=GRID)
     assert torch.equal(alone.lowres[0], seg.lowres[1])
     with pytest.raises(EmergentSegError, match="K = 257 segments requested but the 16x16"):
-        E.lowres_kmeans(sd15, latent, k=257)
+        E.lowres_kmeans(sd15, latent, k=257, grid=GRID)
 
 
 def test_pool_labels_majority_vote():
@@ -212,8 +224,8 @@ def test_reference_attention_equals_explicit_attention_with_replaced_probs():
 
 
 def test_output_hook_is_noop_elsewhere_and_zero_is_no_patch(sd15, latent):
-    site = E.choose_site(sd15, HW)
-    other = E.choose_site(sd15, HW, layer=1)
+    site = E.choose_site(sd15, HW, grid=GRID)
+    other = E.choose_site(sd15, HW, layer=1, grid=GRID)
     masks = torch.ones(1, 256)
     hook = E.modulation_hook(site, masks, torch.tensor([10.0]))
     x = torch.randn(1, 256, 8)
@@ -256,7 +268,7 @@ class _Spy:
 @pytest.mark.parametrize("inject_all_steps", [True, False])
 def test_modulation_only_at_t_m_and_injection_schedule(sd15, latent, inject_all_steps):
     spy = _Spy(sd15)
-    site = E.choose_site(sd15, HW)
+    site = E.choose_site(sd15, HW, grid=GRID)
     x_t = E.add_noise(sd15, latent, 281, seed=0)
     E.run_modulated(spy, x_t, site, _masks(), torch.tensor([10.0, -10.0]), [281, 141, 1],
                     inject="self", inject_all_steps=inject_all_steps)
@@ -277,7 +289,7 @@ def test_modulation_only_at_t_m_and_injection_schedule(sd15, latent, inject_all_
 
 @pytest.mark.parametrize("inject,timesteps", [("all", [281, 1]), ("cross", [281])])
 def test_injection_identity_unmodulated_member_equals_reference(sd15, latent, inject, timesteps):
-    site = E.choose_site(sd15, HW)
+    site = E.choose_site(sd15, HW, grid=GRID)
     x_t = E.add_noise(sd15, latent, 281, seed=0)
     out = E.run_modulated(sd15, x_t, site, _masks()[[0, 0]], torch.tensor([10.0, 0.0]),
                           timesteps, inject=inject)
@@ -291,7 +303,7 @@ def test_injection_identity_unmodulated_member_equals_reference(sd15, latent, in
 # ---------------------------------------------------------------------------------------------
 
 def test_lambda_zero_and_empty_mask_give_zero_maps(sd15, latent, fast_maps):
-    zero = E.difference_maps(sd15, latent, _masks()[:1], lam=0.0, steps="fast")
+    zero = E.difference_maps(sd15, latent, _masks()[:1], lam=0.0, steps="fast", grid=GRID)
     assert zero.maps.shape == (1, *HW)
     assert torch.count_nonzero(zero.maps) == 0                         # [ref, +0*M, -0*M]
     assert torch.count_nonzero(fast_maps.maps[1]) == 0                 # all-zero M -> d = 0
@@ -301,7 +313,7 @@ def test_lambda_zero_and_empty_mask_give_zero_maps(sd15, latent, fast_maps):
 
 
 def test_swapping_signs_gives_the_same_map(sd15, latent, fast_maps):
-    swapped = E.difference_maps(sd15, latent, _masks(), lam=-10.0, steps="fast", max_batch=EXACT_BATCH)
+    swapped = E.difference_maps(sd15, latent, _masks(), lam=-10.0, steps="fast", max_batch=EXACT_BATCH, grid=GRID)
     assert torch.equal(swapped.maps, fast_maps.maps)
 
 
@@ -321,8 +333,8 @@ def test_modulation_acts_mostly_inside_the_mask_footprint(fast_maps):
 def test_chunking_does_not_change_the_maps(sd15, latent):
     m = torch.zeros(1, 16, 16)
     m[0, :8] = 1
-    one = E.difference_maps(sd15, latent, m, lam=10.0, steps=2, max_batch=3)   # [ref, +M, -M]
-    two = E.difference_maps(sd15, latent, m, lam=10.0, steps=2, max_batch=2)   # [ref, +M], [ref, -M]
+    one = E.difference_maps(sd15, latent, m, lam=10.0, steps=2, max_batch=3, grid=GRID)   # [ref, +M, -M]
+    two = E.difference_maps(sd15, latent, m, lam=10.0, steps=2, max_batch=2, grid=GRID)   # [ref, +M], [ref, -M]
     assert (one.chunks, two.chunks) == (1, 2)
     assert (one.evaluations, two.evaluations) == (6, 8)
     assert one.timesteps == (281, 1)
@@ -331,7 +343,7 @@ def test_chunking_does_not_change_the_maps(sd15, latent):
 
 
 def test_one_sided_difference(sd15, latent):
-    zero = E.difference_maps(sd15, latent, _masks()[:1], lam=0.0, steps="fast", difference="one_sided")
+    zero = E.difference_maps(sd15, latent, _masks()[:1], lam=0.0, steps="fast", difference="one_sided", grid=GRID)
     assert torch.count_nonzero(zero.maps) == 0 and zero.evaluations == 2 and zero.decodes == 2
 
 
@@ -365,14 +377,14 @@ def test_mapper_assigns_per_pixel_argmax_of_smoothed_maps(sd15, latent):
     lowres = torch.full((1, 16, 16), 9, dtype=torch.long)
     lowres[0, 8:, 4:] = 2
     seg = E.modulated_denoise_mapper(sd15, latent, lowres, steps="fast", sigma=1.0, method="test",
-                                     max_batch=EXACT_BATCH)
+                                     max_batch=EXACT_BATCH, grid=GRID)
     assert seg.labels.shape == (1, *HW) and seg.method == "test"
     assert seg.info["grid"] == [16, 16] and seg.info["site"].startswith("up_blocks.2.attentions.0")
     assert seg.info["evaluations"] == 6 and seg.info["vae_decodes"] == 4 and seg.info["steps"] == 1
     assert seg.info["chunks"] == 2
     assert seg.info["segments"] == [2]
     ids, masks = E.label_masks(lowres[0])
-    dm = E.difference_maps(sd15, latent, masks, steps="fast", max_batch=EXACT_BATCH)
+    dm = E.difference_maps(sd15, latent, masks, steps="fast", max_batch=EXACT_BATCH, grid=GRID)
     want = ids[E.assign(E.smooth(dm.maps, 1.0))]
     assert torch.equal(Segmentation.from_labels(want.unsqueeze(0)).labels, seg.labels)
     assert torch.equal(seg.lowres, Segmentation.from_labels(lowres).labels)
@@ -386,7 +398,7 @@ def test_mapper_accepts_pooled_labels_and_drops_lost_segments(sd15, latent):
     low = E.lowres_from_segmentation(seg, (16, 16))
     assert set(low.unique().tolist()) == {0, 1}
     out = E.modulated_denoise_mapper(sd15, latent, low, steps="fast", method="diffseg+mapper",
-                                     max_batch=EXACT_BATCH)
+                                     max_batch=EXACT_BATCH, grid=GRID)
     assert out.counts[0] <= 2 and out.info["segments"] == [2] and out.info["evaluations"] == 6
     assert out.method == "diffseg+mapper" and out.labels.shape == (1, *HW)
 
@@ -394,22 +406,22 @@ def test_mapper_accepts_pooled_labels_and_drops_lost_segments(sd15, latent):
 def test_mapper_bad_inputs(sd15, latent):
     low = torch.zeros(1, 16, 16, dtype=torch.long)
     with pytest.raises(EmergentSegError, match="lambda must be non-zero"):
-        E.modulated_denoise_mapper(sd15, latent, low, lam=0.0)
+        E.modulated_denoise_mapper(sd15, latent, low, lam=0.0, grid=GRID)
     with pytest.raises(EmergentSegError, match="works on a 16x16 grid"):
-        E.modulated_denoise_mapper(sd15, latent, torch.zeros(1, 8, 8, dtype=torch.long))
+        E.modulated_denoise_mapper(sd15, latent, torch.zeros(1, 8, 8, dtype=torch.long), grid=GRID)
     with pytest.raises(EmergentSegError, match="integer labels"):
-        E.modulated_denoise_mapper(sd15, latent, low.float())
+        E.modulated_denoise_mapper(sd15, latent, low.float(), grid=GRID)
     with pytest.raises(EmergentSegError, match="injection mode"):
-        E.modulated_denoise_mapper(sd15, latent, low, inject="some")
+        E.modulated_denoise_mapper(sd15, latent, low, inject="some", grid=GRID)
     with pytest.raises(EmergentSegError, match="t_m"):
-        E.modulated_denoise_mapper(sd15, latent, low, t_m=1000)
+        E.modulated_denoise_mapper(sd15, latent, low, t_m=1000, grid=GRID)
 
 
 def test_emerdiff_end_to_end_sdxl_layout_progress_and_cancel(latent):
     backend = tiny_backend("sdxl")
     updates = []
     progress = Progress(on_update=lambda done, total: updates.append((done, total)))
-    seg = E.emerdiff(backend, latent, k=2, steps="fast", progress=progress)
+    seg = E.emerdiff(backend, latent, k=2, steps="fast", progress=progress, grid=GRID)
     assert seg.labels.shape == (1, *HW) and seg.method == "emerdiff" and 1 <= seg.counts[0] <= 2
     assert seg.info["evaluations"] == 1 + 5 and seg.info["feature_evaluations"] == 1
     assert seg.info["mapper_evaluations"] == 5 and seg.info["k"] == 2
@@ -422,7 +434,7 @@ def test_emerdiff_end_to_end_sdxl_layout_progress_and_cancel(latent):
         return len(polls) >= 3
     cancel = Progress(is_cancelled=cancelled)
     with pytest.raises(Interrupted):
-        E.emerdiff(backend, latent, k=2, steps=2, progress=cancel)
+        E.emerdiff(backend, latent, k=2, steps=2, progress=cancel, grid=GRID)
 
 
 def test_plan_counts():

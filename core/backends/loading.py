@@ -264,16 +264,24 @@ def load_backend(model: str | Path | None, device: str | torch.device = "cpu",
             raise EmergentSegError(f"no --model given and the embedded default model is missing ({EMBEDDED_MODEL}); "
                                    "pass --model PATH to a diffusers folder or .safetensors")
         return load_diffusers_folder(EMBEDDED_MODEL, device, dtype)
+    path = check_model_path(model)
+    if path.is_dir():
+        return load_diffusers_folder(path, device, dtype)
+    return load_single_file_sd15(path, device, dtype)
+
+
+def check_model_path(model: str | Path) -> Path:
+    """The model path, or one line saying why it cannot be a model (checked before any loading)."""
     path = Path(model).expanduser()
     if not path.exists():
         raise EmergentSegError(f"model {path} does not exist; pass a diffusers folder or a .safetensors file")
     if path.is_dir():
         if not (path / "unet").exists():
             raise EmergentSegError(f"{path} is not a diffusers model folder (no unet/ inside)")
-        return load_diffusers_folder(path, device, dtype)
-    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        return path
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise EmergentSegError(f"{path.name} is a pickle checkpoint, which is never loaded for safety; "
                                "convert it to .safetensors")
     if path.suffix.lower() != ".safetensors":
         raise EmergentSegError(f"{path.name}: expected a .safetensors file or a diffusers folder")
-    return load_single_file_sd15(path, device, dtype)
+    return path
