@@ -1088,7 +1088,7 @@ def calibrate(backend: Backend, scenes: Sequence[Any], *, taus: Sequence[float] 
 
 
 DEFAULT_MAPPER_QUALITIES = ("fast", "fast-symmetric")
-DEFAULT_MAPPER_SIGMAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+DEFAULT_MAPPER_SIGMAS = (0.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0)
 
 
 def calibrate_mapper(backend: Backend, scenes: Sequence[Any], k: int, *,
@@ -1178,7 +1178,7 @@ def _run_calibrate(args: argparse.Namespace, bar: Any = None) -> dict:
                                                                "mapper_candidates")}
     print(json.dumps(summary, indent=2))
     if args.verbose:
-        print(json.dumps({"candidates": result["candidates"],
+        print(json.dumps({"candidates": result.get("candidates"),
                           "emerdiff_k_candidates": result.get("emerdiff_k_candidates"),
                           "mapper_candidates": result.get("mapper_candidates")}, indent=2))
     if args.write:
