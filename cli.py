@@ -317,11 +317,9 @@ def matched_colours(pred: torch.Tensor, truth: torch.Tensor) -> list[int]:
     overlap.index_put_((truth.reshape(-1), pred.reshape(-1)), torch.ones(pred.numel(), dtype=torch.float64),
                        accumulate=True)
     rows, cols = hungarian(overlap.numpy(), maximize=True)
-    out = list(range(n_pred, n_pred + n_true))
-    for r, c in zip(rows.tolist(), cols.tolist()):
-        out[r] = int(c)
+    matched = dict(zip(rows.tolist(), cols.tolist()))
     spare = iter(range(n_pred, n_pred + n_true))
-    return [c if c < n_pred else next(spare) for c in out]
+    return [int(matched[t]) if t in matched else next(spare) for t in range(n_true)]
 
 
 def run_demo(args: argparse.Namespace, bar: TerminalProgress) -> None:

@@ -28,7 +28,6 @@ import numpy as np
 
 
 def make_photo(path: Path, width: int, height: int) -> None:
-    import torch
     import torch.nn.functional as F
     from PIL import Image
 
@@ -39,7 +38,6 @@ def make_photo(path: Path, width: int, height: int) -> None:
     rng = np.random.RandomState(0)
     arr = (big.permute(1, 2, 0).numpy() * 255 + rng.normal(0, 6, (height, width, 3))).clip(0, 255)
     Image.fromarray(arr.astype(np.uint8)).save(path, quality=90)
-    del torch
 
 
 def run(image: Path, out: Path, method: str) -> tuple[float, float]:

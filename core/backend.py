@@ -144,12 +144,16 @@ def quiet_progress() -> Progress:
     return Progress()
 
 
+def nearest_fit(height: float, width: float, multiple: int) -> tuple[int, int]:
+    """``(h, w)``: each side rounded to the nearest multiple of ``multiple`` (at least one)."""
+    return (max(multiple, int(round(height / multiple)) * multiple),
+            max(multiple, int(round(width / multiple)) * multiple))
+
+
 def check_size(backend: Backend, height: int, width: int) -> None:
     """Raise a clear error when an image size does not fit the UNet's downsampling."""
     m = backend.size_multiple()
     if height % m or width % m or height <= 0 or width <= 0:
-        def near(x: int) -> int:
-            return max(m, int(round(x / m)) * m)
+        h, w = nearest_fit(height, width, m)
         raise EmergentSegError(
-            f"image size {width}x{height} is not a multiple of {m}; resize or crop it to "
-            f"{near(width)}x{near(height)}")
+            f"image size {width}x{height} is not a multiple of {m}; resize or crop it to {w}x{h}")

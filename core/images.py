@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backend import nearest_fit
 from .errors import EmergentSegError
 
 
@@ -91,9 +92,7 @@ def auto_size(h: int, w: int, native: int, multiple: int) -> tuple[int, int]:
     """``(th, tw)``: the aspect of ``h x w`` at about ``native**2`` pixels, each side a multiple of
     ``multiple`` (at least one multiple)."""
     scale = native / math.sqrt(h * w)
-    th = max(multiple, int(round(h * scale / multiple)) * multiple)
-    tw = max(multiple, int(round(w * scale / multiple)) * multiple)
-    return th, tw
+    return nearest_fit(h * scale, w * scale, multiple)
 
 
 def fit_image(image: torch.Tensor, size: str | int | None, multiple: int, native: int = 512) -> torch.Tensor:
@@ -112,8 +111,7 @@ def fit_image(image: torch.Tensor, size: str | int | None, multiple: int, native
         return F.interpolate(image.unsqueeze(0), size=(th, tw), mode="bilinear", align_corners=False,
                              antialias=th < h or tw < w)[0].clamp(0, 1)
     if mode == "keep":
-        th = max(multiple, int(round(h / multiple)) * multiple)
-        tw = max(multiple, int(round(w / multiple)) * multiple)
+        th, tw = nearest_fit(int(h), int(w), multiple)
         if th * tw > 4 * native * native:
             raise EmergentSegError(f"--size keep would run the model at {tw}x{th}, more than 4x its native "
                                    f"{native}x{native} area (attention memory grows with its square); "

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.backend import Conditioning, Progress, check_size
+from ..core.backend import Conditioning, Progress, check_size, nearest_fit
 from ..core.errors import EmergentSegError
 from .types import IMAGE, LATENT, VAE, Input
 
@@ -53,10 +53,7 @@ def processing_size(backend: Any, height: int, width: int) -> tuple[int, int]:
     """The size an image is run at: its own when both sides are multiples of the model's size
     step (64 for SD1.x/SD2.x), else the nearest multiples (each side rounded, at least one step).
     Results always come back at the image's own size."""
-    m = backend.size_multiple()
-    if height % m == 0 and width % m == 0:
-        return height, width
-    return max(m, int(round(height / m)) * m), max(m, int(round(width / m)) * m)
+    return nearest_fit(height, width, backend.size_multiple())
 
 
 def latent_hw(backend: Any, height: int, width: int) -> tuple[int, int]:
