@@ -1,4 +1,4 @@
-"""DiffSeg merging: self-attention aggregate -> proposals -> label map (docs ALGORITHMS.md §1.5-1.9).
+"""DiffSeg merging: self-attention aggregate -> proposals -> label map.
 
 Input is the aggregate ``A`` built by ``core.capture``: ``[Q, K]`` or ``[B, Q, K]`` with
 ``Q = K = h*w`` for the finest self-attention grid ``(h, w)``, rows indexed ``y*w + x`` (query

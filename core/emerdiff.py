@@ -1,7 +1,7 @@
 """EmerDiff (Namekata et al., ICLR 2024): low-res k-means on UNet queries + the modulated denoising
 mapper that turns any low-res label grid into an image-resolution segmentation.
 
-No public code exists; this is the reconstruction of docs/ALGORITHMS.md §2. Every open choice is a
+No public code exists; this is a reconstruction from the paper. Every open choice is a
 named parameter whose default is the paper's value where it is known, otherwise ours, with the
 reason next to the constant.
 

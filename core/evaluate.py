@@ -1,7 +1,7 @@
 """Evaluation harness: ``python -m emergent_seg eval`` (and calibration of the shipped model).
 
 Scores every method with Hungarian-matched mIoU and pixel accuracy (core/metrics.py) under the two
-protocols of docs ALGORITHMS.md §3.2, reported in separate columns because they are never
+protocols below, reported in separate columns because they are never
 comparable:
 
 * **per-image** (DiffSeg's protocol, ``utils.hungarian_matching``): each image's predicted segments

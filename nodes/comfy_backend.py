@@ -1,6 +1,6 @@
 """``core.backend.Backend`` over a ComfyUI ModelPatcher: the only module that touches comfy internals.
 
-How a pass works (docs COMFYUI.md §5, §7):
+How a pass works:
 - Every :meth:`ComfyBackend.predict_noise` clones the user's ModelPatcher and installs attention
   replace patches (``set_model_attn1_replace``/``attn2_replace``) on exactly the transformer blocks
   the pass's hooks name, plus one ``attn1/attn2_output_patch`` gated on ``block``/``block_index``

@@ -1,4 +1,4 @@
-"""EmerDiff invariants (docs/ALGORITHMS.md §2.3) on tiny random UNets with the SD1.x/SDXL layouts.
+"""EmerDiff invariants on tiny random UNets with the SD1.x/SDXL layouts.
 
 The tiny backends have no VAE (latent_scale 1, decode = clamp((x+1)/2)), 32x32 latents, so the
 "16x16" decoder site is the stride-2 level. Everything runs 1-2 denoising steps and K <= 3.
@@ -53,7 +53,7 @@ def _masks() -> torch.Tensor:
 # On CPU that holds for the first 4 members only: the UNet's time-embedding GEMM has M = batch and
 # MKL computes rows in blocks of 4, so a member at position >= 4 can differ by an ulp (measured:
 # 1.3e-6 in eps). Exact tests therefore use chunks of <= 4 members; the chunking test shows the
-# larger-batch difference stays at rounding level (ALGORITHMS.md §2.3 item 2 allows that).
+# larger-batch difference stays at rounding level.
 EXACT_BATCH = 3
 
 

@@ -61,7 +61,7 @@ def images():
 # ---------------------------------------------------------------------------------------------
 
 def reference_aggregate(backend, images: torch.Tensor, timestep: int = 300) -> torch.Tensor:
-    """Independent DiffSeg aggregate ``[B, N, N]`` float64 (docs ALGORITHMS.md §1.4)."""
+    """Independent DiffSeg aggregate ``[B, N, N]`` float64 (DiffSeg's aggregation, restated)."""
     latents = backend.encode(images)
     cond = backend.empty_conditioning().expand(latents.shape[0])
     inputs: dict[str, torch.Tensor] = {}

@@ -66,7 +66,7 @@ def test_sd1_sites_follow_the_block_layout(sd1):
         [f"output.{i}.0.attn1" for i in range(3, 12)]
     by_key = {s.key: s for s in sites}
     assert by_key["output.9.0.attn1"].host_block == ("output", 9, 0)
-    # 256 px -> latent 32: grids 32/16/8/4 (COMFYUI.md §6 halves the 512 px table).
+    # 256 px -> latent 32: grids 32/16/8/4 (half of SD1.5's 64/32/16/8 at 512 px).
     grids = {k: by_key[k].grid((32, 32)) for k in ("input.1.0.attn1", "input.4.0.attn1",
                                                     "input.7.0.attn1", "middle.0.0.attn1",
                                                     "output.3.0.attn1", "output.6.0.attn2",
@@ -88,7 +88,7 @@ def test_sdxl_block_keys_and_resolution_bookkeeping(sdxl):
         {(("input", 4, 0), 2), (("input", 4, 1), 2)}
     assert [s.depth for s in self_sites if s.host_block[:2] == ("middle", 0)] == [0, 1, 2]
     assert len(self_sites) == 2 * 2 + 3 * 2 + 3 + 3 * 3 + 2 * 3
-    # 1024 px (latent 128): 64x64 and 32x32 grids; 512 px: 32x32 and 16x16 (COMFYUI.md §6).
+    # 1024 px (latent 128): 64x64 and 32x32 grids; 512 px: 32x32 and 16x16.
     assert sorted({s.grid((128, 128)) for s in self_sites}) == [(32, 32), (64, 64)]
     assert sorted({s.grid((64, 64)) for s in self_sites}) == [(16, 16), (32, 32)]
     assert capture_node.parse_levels("all", b.sites(), (128, 128)) is None
@@ -118,14 +118,14 @@ def test_predict_noise_equals_a_direct_unet_call(sd1):
     with torch.no_grad():
         direct = sd1.model.diffusion_model(x_t, t.float(), context=cond.context, transformer_options={})
     torch.testing.assert_close(eps, direct, atol=2e-5, rtol=1e-4)
-    # Explicit-softmax hooks on every site give the same prediction (COMFYUI.md §5: ~2e-6).
+    # Explicit-softmax hooks on every site give the same prediction (to about 2e-6).
     from emergent_seg.core.attention import explicit_attention
     hooks = PassHooks({s.key: (lambda site, q, k, v: explicit_attention(q, k, v, site.heads)) for s in b.sites()})
     torch.testing.assert_close(b.predict_noise(x_t, t, cond, hooks), direct, atol=1e-4, rtol=1e-4)
     alphas = b.alphas_cumprod()
     assert alphas.shape == (1000,) and alphas.dtype == torch.float64
     sigma300 = ((1 - alphas[300]) / alphas[300]).sqrt()
-    assert abs(float(sigma300) - 0.8328) < 1e-3         # COMFYUI.md §7
+    assert abs(float(sigma300) - 0.8328) < 1e-3         # SD1.x: sqrt((1 - acp) / acp) at t = 300
 
 
 def test_output_hooks_fire_only_at_their_site(sd1):
