@@ -1,8 +1,8 @@
 """emergent-seg: unsupervised segmentation (DiffSeg, EmerDiff) from the loaded SD model.
 
 As a ComfyUI custom node pack this module only registers the nodes (no model work at import).
-Imported outside ComfyUI (``pip install emergent-seg``; ``import emergent_seg``) it exposes nothing
-ComfyUI-specific; use ``emergent_seg.core`` and the CLI there.
+Imported outside ComfyUI it exposes nothing ComfyUI-specific: ``emergent_seg.segment(image)`` (the
+one-call API, ``api.py``, loaded on first use), ``emergent_seg.core`` and the CLI.
 """
 import importlib.util
 
@@ -30,3 +30,12 @@ if _in_comfyui():
     else:
         from .nodes import v1_mappings as _v1_mappings
         NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _v1_mappings()
+
+
+def __getattr__(name: str):
+    # lazy, so importing the package (e.g. ComfyUI scanning custom nodes) loads no torch code
+    if name in ("segment", "SegmentResult"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

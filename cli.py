@@ -9,36 +9,9 @@ from typing import Sequence
 import torch
 
 from .core.backend import Progress
-from .core.errors import EmergentSegError, Interrupted
-
-
-class TerminalProgress:
-    """A Progress bound to a terminal bar (tqdm when installed, else a plain counter)."""
-
-    def __init__(self, label: str, enabled: bool = True) -> None:
-        self.label, self.enabled, self._bar = label, enabled, None
-
-    def __call__(self) -> Progress:
-        return Progress(on_update=self._update)
-
-    def _update(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            print(f"\r{self.label}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
-            return
-        if self._bar is None:
-            # no rate field: the first update jumps from 0 and would show a meaningless it/s
-            self._bar = tqdm(total=total, desc=self.label, leave=False, file=sys.stderr,
-                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
-        self._bar.total = total
-        self._bar.n = done
-        self._bar.refresh()
-        if done >= total:
-            self._bar.close()
-            self._bar = None
+from .core.errors import EmergentSegError
+from .core.settings import QUALITY_PRESETS, DiffSegSettings, EmerDiffSettings
+from .progress import TerminalProgress, run_command
 
 
 def add_segment_args(p: argparse.ArgumentParser) -> None:
@@ -65,10 +38,10 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
                         "keep = the image's own size rounded to the model's grid")
     p.add_argument("--clusters", type=int, default=None,
                    help="EmerDiff: number of low-res k-means clusters K (default: the model's stored value, else 20)")
-    p.add_argument("--steps", choices=["fast", "faithful", "fast-symmetric"], default=None,
-                   help="EmerDiff mapper: fast = one step + x0 decode, faithful = 15 DDIM steps from t=281, "
-                        "fast-symmetric = one step, the paper's symmetric difference (default: the model's "
-                        "stored preset, else fast)")
+    p.add_argument("--quality", "--steps", dest="quality", choices=list(QUALITY_PRESETS), default=None,
+                   help="EmerDiff mapper preset: fast = one step + x0 decode, faithful = the paper's 15 DDIM "
+                        "steps from t=281, fast-symmetric = one step, the paper's symmetric difference "
+                        "(default: the model's stored preset, else fast; --steps is the old name)")
     p.add_argument("--sigma", type=float, default=None,
                    help="EmerDiff mapper smoothing in pixels of the processed image (default: the model's "
                         "stored value, else 4 px at 512 px)")
@@ -89,74 +62,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--scenes", type=int, default=8, help="number of generated scenes (default: 8)")
     demo.add_argument("--seed", type=int, default=1000, help="seed of the first scene (default: 1000)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    from .core.evaluate import add_eval_arguments
+    from .evaluation.cli import add_eval_arguments
     add_eval_arguments(sub.add_parser("eval", help="score methods (mIoU, pixel accuracy after Hungarian matching)"))
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "segment":
-            run_segment(args, TerminalProgress("segment", not args.quiet))
-        elif args.command == "demo":
-            run_demo(args, TerminalProgress("demo", not args.quiet))
-        else:
-            from .core.evaluate import run_eval
-            run_eval(args, TerminalProgress("eval", not args.quiet))
-    except (EmergentSegError, Interrupted) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from .evaluation.cli import run_eval
+
+    return run_command({"segment": run_segment, "demo": run_demo, "eval": run_eval}, parser.parse_args(argv))
 
 
-def _default_settings(backend: object, args: argparse.Namespace):
-    from .core.pipeline import DiffSegSettings
+def diffseg_overrides(args: argparse.Namespace) -> dict:
+    """The DiffSeg options the user gave; the rest come from the model (``core/settings.py``)."""
+    given = {"tau": args.tau, "tau_quantile": args.tau_quantile, "timestep": args.timestep}
+    return {"iterations": args.iterations, "anchors_per_side": args.anchors, "mode": args.mode,
+            "refine": args.refine == "kmeans", **{k: v for k, v in given.items() if v is not None}}
 
-    from .core.defaults import diffseg_threshold, diffseg_timestep
 
-    tau, quantile = args.tau, args.tau_quantile
-    if tau is None and quantile is None:
-        tau, quantile = diffseg_threshold(backend)
-    timestep = args.timestep if args.timestep is not None else diffseg_timestep(backend)
-    return DiffSegSettings(timestep=timestep, tau=tau, tau_quantile=quantile, iterations=args.iterations,
-                           anchors_per_side=args.anchors, mode=args.mode, refine=args.refine == "kmeans")
+def emerdiff_overrides(args: argparse.Namespace) -> dict:
+    return {"clusters": args.clusters, "quality": args.quality, "sigma": args.sigma}
 
 
 def _segment_one(backend, image: torch.Tensor, cond, args: argparse.Namespace, progress: Progress):
-    """image ``[1,3,H,W]`` -> Segmentation, by the method and refinement asked for.
+    """image ``[1,3,H,W]`` -> Segmentation, by the method and refinement asked for (the Python
+    API's :func:`api.segment_image`, with the options given on the command line)."""
+    from .api import segment_image
+    from .core.pipeline import image_side
 
-    ``--method emerdiff``: low-res k-means (K = ``--clusters``) + the modulated denoising mapper;
-    ``--refine emerdiff``: DiffSeg, its labels pooled onto the mapper's grid, then the mapper
-    (segment words carried over). ``--steps`` names the mapper preset (core QUALITY_PRESETS).
-    """
-    from .core import emerdiff, pipeline
-
-    if args.method == "emerdiff" and args.refine == "kmeans":
-        raise EmergentSegError("--refine kmeans is DiffSeg's refinement; EmerDiff's result is already "
-                               "pixel-sharp, so drop --refine or use --method diffseg")
-    from .core.defaults import emerdiff_defaults
-
-    size = (int(image.shape[-2]), int(image.shape[-1]))
-    defaults = emerdiff_defaults(backend, int(round((size[0] * size[1]) ** 0.5)))
-    settings = emerdiff.preset(args.steps or defaults.quality)
-    settings["sigma"] = defaults.sigma if args.sigma is None else float(args.sigma)
-    clusters = defaults.clusters if args.clusters is None else int(args.clusters)
-    if args.method == "emerdiff":
-        pipeline.check_images(backend, image)
-        latents = backend.encode(image)
-        return emerdiff.emerdiff(backend, latents, k=clusters, cond=cond, seed=args.seed,
-                                 image_size=size, progress=progress, **settings)
-    seg = pipeline.segment_diffseg(backend, image, cond, _default_settings(backend, args), progress=progress)
-    if args.refine == "emerdiff":
-        from .core.emerdiff import carry_words
-
-        latents = backend.encode(image)
-        latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
-        grid = emerdiff.choose_site(backend, latent_hw).grid(latent_hw)
-        low = emerdiff.lowres_from_segmentation(seg, grid)
-        refined = emerdiff.modulated_denoise_mapper(
-            backend, latents, low, cond=cond, seed=args.seed, grid=grid, image_size=size,
-            method="diffseg+mapper", extra_info={"source": seg.method, "diffseg": dict(seg.info)},
-            progress=progress, **settings)
-        seg = carry_words(seg, low, refined)
-    return seg
+    emerdiff = EmerDiffSettings.for_model(backend, image_side(image), **emerdiff_overrides(args))
+    diffseg = DiffSegSettings.for_model(backend, **diffseg_overrides(args))
+    return segment_image(backend, image, cond, method=args.method, refine=args.refine, diffseg=diffseg,
+                         emerdiff=emerdiff, seed=args.seed, progress=progress)
 
 
 def write_outputs(out: Path, stem: str, image: torch.Tensor, seg) -> list[Path]:
@@ -195,21 +128,21 @@ def check_segment_args(args: argparse.Namespace) -> None:
     typo costs milliseconds, not a model load and a UNet pass."""
     from .core.backends.loading import check_model_path
     from .core.images import check_readable, parse_size
-    from .core.pipeline import DiffSegSettings
+    from .api import check_method
 
+    check_method(args.method, args.refine)
     if args.model:
         check_model_path(args.model)
     parse_size(args.size)
     if args.tau is not None and args.tau_quantile is not None:
         raise EmergentSegError("give --tau or --tau-quantile, not both")
-    DiffSegSettings(timestep=300 if args.timestep is None else args.timestep,
-                    tau=args.tau if args.tau is not None or args.tau_quantile is not None else 1.0,
-                    tau_quantile=args.tau_quantile, iterations=args.iterations,
-                    anchors_per_side=args.anchors, mode=args.mode)
     if args.clusters is not None and args.clusters < 2:
         raise EmergentSegError(f"--clusters must be at least 2, got {args.clusters} (EmerDiff uses 20 on SD)")
     if args.sigma is not None and not args.sigma >= 0:
         raise EmergentSegError(f"--sigma must be >= 0 pixels, got {args.sigma}")
+    # built without a model: the values are checked now, the model's defaults fill in later
+    DiffSegSettings.for_model(None, **diffseg_overrides(args))
+    EmerDiffSettings.for_model(None, **emerdiff_overrides(args))
     for path in args.images:
         check_readable(path)
     prepare_output_folder(Path(args.out))
@@ -335,8 +268,7 @@ def _demo(args: argparse.Namespace, bar: TerminalProgress) -> None:
     import time
 
     from .core.backends.loading import load_backend
-    from .core.evaluate import diffseg_settings, model_size
-    from .core.images import save_png
+    from .core.images import native_side, save_png
     from .core.masks import render_overlay
     from .core.metrics import instance_scores
     from .core.pipeline import segment_diffseg
@@ -345,8 +277,8 @@ def _demo(args: argparse.Namespace, bar: TerminalProgress) -> None:
 
     start = time.perf_counter()
     backend = load_backend(None, "cpu")
-    size = model_size(backend)
-    settings = diffseg_settings(backend)
+    size = native_side(backend)
+    settings = DiffSegSettings.for_model(backend)
     scenes = make_scenes(args.scenes, seed=args.seed, size=size)
     factor = max(1, 256 // size)
     out = Path(args.out)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from emergent_seg.core.backend import Conditioning
 from emergent_seg.core.backends.diffusers import DiffusersBackend
 from emergent_seg.core.capture import capture_attention

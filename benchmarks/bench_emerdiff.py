@@ -36,6 +36,7 @@ import torch
 from emergent_seg.core import emerdiff as E
 from emergent_seg.core.backend import Progress
 from emergent_seg.core.backends.diffusers import DiffusersBackend
+from emergent_seg.core.sites import AttentionSite
 
 CONFIGS = Path(__file__).resolve().parents[1] / "core" / "configs" / "sd15"
 
@@ -136,7 +137,7 @@ def timed(fn):
     return out, secs, mem.mib
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--k", type=int, default=20)
@@ -147,17 +148,143 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=str, default="")
     parser.add_argument("--smoke", action="store_true", help="tiny models, to test the script")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    wall0 = time.perf_counter()
+    return parser.parse_args()
 
-    (unet, vae), t_init, _ = timed(smoke_models if args.smoke else sd15_models)
-    backend = DiffusersBackend(unet, vae)
+
+def _build_backend(smoke: bool) -> DiffusersBackend:
+    """The random-weight models (timed), described on stdout."""
+    (unet, vae), t_init, _ = timed(smoke_models if smoke else sd15_models)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; random-weight "
-          f"{'TINY (smoke test)' if args.smoke else 'SD1.5'} UNet "
+          f"{'TINY (smoke test)' if smoke else 'SD1.5'} UNet "
           f"{sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M params + random SD VAE "
           f"{sum(p.numel() for p in vae.parameters()) / 1e6:.0f} M params (built in {t_init:.0f} s); "
           f"empty prompt = zeros [1, 77, {unet.config.cross_attention_dim}]")
+    return DiffusersBackend(unet, vae)
+
+
+def _batched_calls(backend: DiffusersBackend, latent: torch.Tensor, site: AttentionSite, masks: torch.Tensor,
+                   n_ids: int, fit_batches: list[int], t_b2: float) -> tuple[dict[int, float], dict[int, float]]:
+    """Step 3: real UNet calls of batch b = reference + (b-1) members (no decode). Returns the
+    measured seconds per batch (``{2: t_b2}`` from step 2 included) and the peak MiB per batch."""
+    x_t = E.add_noise(backend, latent, E.PAPER_T_M).to(latent.dtype)
+    fit = {2: t_b2}
+    mem = {}
+    for b in [2, *fit_batches]:
+        members = b - 1
+        mm = masks[[i % n_ids for i in range(members)]]
+        coeffs = torch.tensor([E.PAPER_LAMBDA * (1 if i % 2 == 0 else -1) for i in range(members)])
+        _, secs, mib = timed(lambda mm=mm, coeffs=coeffs: E.run_modulated(
+            backend, x_t, site, mm, coeffs, [E.PAPER_T_M]))
+        mem[b] = mib
+        if b == 2:  # already timed inside difference_maps; this call only measures its memory
+            print(f"one-at-a-time UNet call alone (real, batch 2): {secs:.1f} s, peak +{mib:.0f} MiB")
+            continue
+        fit[b] = secs
+        print(f"batched chunk (real): 1 UNet call of batch {b}: {secs:.1f} s "
+              f"({secs / members:.2f} s per member run), peak +{mib:.0f} MiB")
+    return fit, mem
+
+
+class _CostModel:
+    """Per-image cost from the measured calls: one UNet call of batch b takes ``fit[b]`` when
+    measured, else the linear fit ``icpt + slope * b``; decodes ``t_dec`` each, plus the encode.
+    ``fit`` is the caller's dict, read at every call (the feature pass is added to it later)."""
+
+    def __init__(self, fit: dict[int, float], t_dec: float, t_enc: float) -> None:
+        self.fit, self.t_dec, self.t_enc = fit, t_dec, t_enc
+        xs = torch.tensor(sorted(fit), dtype=torch.float64)
+        ys = torch.tensor([fit[int(b)] for b in xs], dtype=torch.float64)
+        self.slope = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
+        self.icpt = float(ys.mean() - self.slope * xs.mean())
+
+    def t_call(self, b: int) -> float:
+        return self.fit.get(b, self.icpt + self.slope * b)
+
+    def totals(self, k_: int, steps: int, max_batch: int, difference: str = "symmetric") -> dict:
+        p = E.plan(k_, steps, max_batch, difference=difference, features=True)
+        unet_s = self.t_call(1) if 1 in self.fit else (self.icpt + self.slope)
+        unet_s += sum(self.t_call(b) for b in p["chunk_sizes"]) * p["steps"]
+        return {"evaluations": p["evaluations"], "decodes": p["decodes"], "chunks": p["chunks"],
+                "unet_s": unet_s, "decode_s": p["decodes"] * self.t_dec,
+                "total_s": unet_s + p["decodes"] * self.t_dec + self.t_enc}
+
+
+def _per_image_table(cost: _CostModel, size: int, k: int, max_batch: int) -> dict[str, dict]:
+    """Step 4: the per-image totals of each setting, printed; returns them by name."""
+    print(f"\nper image at {size} px, K={k}, max_batch={max_batch} "
+          f"(UNet time from the fit, decodes x {cost.t_dec:.1f} s, + VAE encode):")
+    rows = {}
+    for name, steps, mb, diff in [("paper-faithful (15 steps)", E.PAPER_STEPS, max_batch, "symmetric"),
+                                  ("fast (1 step)", E.FAST_STEPS, max_batch, "symmetric"),
+                                  ("fast one-sided (1 step, K runs)", E.FAST_STEPS, max_batch, "one_sided"),
+                                  ("paper, one-at-a-time", E.PAPER_STEPS, 2, "symmetric"),
+                                  ("fast, one-at-a-time", E.FAST_STEPS, 2, "symmetric")]:
+        r = cost.totals(k, steps, mb, diff)
+        rows[name] = r
+        extrap = "extrapolated" if steps == E.PAPER_STEPS or mb > max(cost.fit) else "from measured calls"
+        print(f"  {name:34s} UNet evaluations {r['evaluations']:4d} | decodes {r['decodes']:2d} | "
+              f"UNet {r['unet_s']:7.0f} s + decode {r['decode_s']:4.0f} s = {r['total_s']:7.0f} s "
+              f"per image ({extrap})")
+    return rows
+
+
+def _print_ratios(rows: dict[str, dict], cost: _CostModel, max_batch: int, m_feat: float,
+                  mem: dict[int, float]) -> None:
+    """Step 4, continued: paper vs fast, batched vs one-at-a-time, and the working memory."""
+    p, f, f1 = (rows["paper-faithful (15 steps)"], rows["fast (1 step)"],
+                rows["fast one-sided (1 step, K runs)"])
+    print(f"  evaluations paper / fast = {p['evaluations'] / f['evaluations']:.1f}x "
+          f"(aim >= 20x; symmetric 1-step is capped at ~15x = the 15 steps); "
+          f"paper / fast one-sided = {p['evaluations'] / f1['evaluations']:.1f}x")
+    print(f"  wall time paper / fast = {p['total_s'] / f['total_s']:.1f}x: VAE decodes are "
+          f"{100 * f['decode_s'] / f['total_s']:.0f} % of the fast setting on this CPU")
+    per_member_one = cost.t_call(2)
+    per_member_batched = cost.t_call(max_batch) / (max_batch - 1)
+    print(f"  batched vs one-at-a-time: one member run costs {per_member_one:.2f} s alone "
+          f"([ref, member]) vs {per_member_batched:.2f} s in a chunk of {max_batch} -> "
+          f"{per_member_one / per_member_batched:.2f}x faster batched (UNet only; "
+          f"{rows['fast, one-at-a-time']['unet_s'] / f['unet_s']:.2f}x on the fast UNet total)")
+    print(f"  peak working memory (RSS sampled): features +{m_feat:.0f} MiB; UNet call of "
+          + ", ".join(f"batch {b} +{mem[b]:.0f} MiB" for b in sorted(mem))
+          + f"; process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def _growth_with_k(cost: _CostModel, max_batch: int) -> None:
+    print("\ncost vs K at this size (chunks of <= max_batch, UNet time from the fit):")
+    for kk in (5, 10, 20, 30, 40):
+        a, b = cost.totals(kk, E.PAPER_STEPS, max_batch), cost.totals(kk, E.FAST_STEPS, max_batch)
+        sizes = E.plan(kk, E.FAST_STEPS, max_batch)["chunk_sizes"]
+        print(f"  K={kk:2d}: chunks {sizes}; paper {a['evaluations']:4d} eval ~{a['total_s']:6.0f} s; "
+              f"fast {b['evaluations']:3d} eval ~{b['total_s']:5.0f} s")
+
+
+def _growth_with_size(backend: DiffusersBackend, sizes: list[int], t_b2: float,
+                      t_dec: float) -> dict[int, tuple[float, float]]:
+    """Step 5, image size: one real batch-2 UNet call and one real decode per extra size;
+    returns ``{size: (call s, decode s)}`` for the extra sizes."""
+    growth = {}
+    for s2 in sizes:
+        lat2 = torch.randn(1, 4, s2 // 8, s2 // 8, generator=torch.Generator().manual_seed(1))
+        hw2 = tuple(lat2.shape[-2:])
+        site2 = E.choose_site(backend, hw2)
+        x2 = E.add_noise(backend, lat2, E.PAPER_T_M)
+        m2 = torch.zeros(1, *site2.grid(hw2))
+        m2[:, : m2.shape[1] // 2] = 1
+        _, tc, mib = timed(lambda x2=x2, site2=site2, m2=m2: E.run_modulated(
+            backend, x2, site2, m2, torch.tensor([10.0]), [E.PAPER_T_M]))
+        _, td, _ = timed(lambda lat2=lat2: backend.decode(lat2))
+        growth[s2] = (tc, td)
+        print(f"  {s2}px: call {tc:6.1f} s ({tc / t_b2:.1f}x), decode {td:5.1f} s ({td / t_dec:.1f}x), "
+              f"peak +{mib:.0f} MiB (site {site2.key.split('.transformer')[0]}, grid {site2.grid(hw2)})")
+    return growth
+
+
+def main() -> None:
+    args = _parse_args()
+    torch.set_num_threads(args.threads)
+    wall0 = time.perf_counter()
+
+    backend = _build_backend(args.smoke)
     size, k = args.size, args.k
     g = torch.Generator().manual_seed(0)
     image = torch.nn.functional.interpolate(torch.rand(1, 3, size // 16, size // 16, generator=g),
@@ -176,7 +303,7 @@ def main() -> None:
 
     # 2. one-at-a-time: [ref, +M0], [ref, -M0] -> 2 UNet calls of batch 2, 1 decode chunk of 2
     sw = Stopwatch()
-    dm1, _, m_one = timed(lambda: E.difference_maps(backend, latent, masks[:1], steps="fast",
+    dm1, _, m_one = timed(lambda: E.difference_maps(backend, latent, masks[:1], steps=E.FAST_STEPS,
                                                         max_batch=2, progress=sw))
     d1 = sw.durations()
     t_b2 = sum(d1[:2]) / 2
@@ -186,97 +313,23 @@ def main() -> None:
           f"(UNet calls and decode)")
 
     # 3. batched chunks (real UNet calls, no decode): batch b = reference + (b-1) members
-    x_t = E.add_noise(backend, latent, E.PAPER_T_M).to(latent.dtype)
-    fit = {2: t_b2}
-    mem = {}
-    for b in [2, *args.fit_batches]:
-        members = b - 1
-        mm = masks[[i % len(ids) for i in range(members)]]
-        coeffs = torch.tensor([E.PAPER_LAMBDA * (1 if i % 2 == 0 else -1) for i in range(members)])
-        _, secs, mib = timed(lambda mm=mm, coeffs=coeffs: E.run_modulated(
-            backend, x_t, site, mm, coeffs, [E.PAPER_T_M]))
-        mem[b] = mib
-        if b == 2:  # already timed inside difference_maps; this call only measures its memory
-            print(f"one-at-a-time UNet call alone (real, batch 2): {secs:.1f} s, peak +{mib:.0f} MiB")
-            continue
-        fit[b] = secs
-        print(f"batched chunk (real): 1 UNet call of batch {b}: {secs:.1f} s "
-              f"({secs / members:.2f} s per member run), peak +{mib:.0f} MiB")
-    xs = torch.tensor(sorted(fit), dtype=torch.float64)
-    ys = torch.tensor([fit[int(b)] for b in xs], dtype=torch.float64)
-    slope = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
-    icpt = float(ys.mean() - slope * xs.mean())
-
-    def t_call(b: int) -> float:
-        return fit.get(b, icpt + slope * b)
-    print(f"fit of one UNet call: t(batch) = {icpt:.2f} + {slope:.2f} * batch s "
+    fit, mem = _batched_calls(backend, latent, site, masks, len(ids), args.fit_batches, t_b2)
+    cost = _CostModel(fit, t_dec, t_enc)
+    print(f"fit of one UNet call: t(batch) = {cost.icpt:.2f} + {cost.slope:.2f} * batch s "
           f"(batch {sorted(fit)} measured; larger batches extrapolated)")
 
     # 4. decode cost per image (real, from step 2) and the per-image totals
-    def totals(k_: int, steps: str, max_batch: int, difference: str = "symmetric") -> dict:
-        p = E.plan(k_, steps, max_batch, difference=difference, features=True)
-        unet_s = t_call(1) if 1 in fit else (icpt + slope)
-        unet_s += sum(t_call(b) for b in p["chunk_sizes"]) * p["steps"]
-        return {"evaluations": p["evaluations"], "decodes": p["decodes"], "chunks": p["chunks"],
-                "unet_s": unet_s, "decode_s": p["decodes"] * t_dec, "total_s": unet_s + p["decodes"] * t_dec + t_enc}
-
     fit[1] = t_feat  # the feature pass is a batch-1 call (k-means is negligible next to it)
-    print(f"\nper image at {size} px, K={k}, max_batch={args.max_batch} "
-          f"(UNet time from the fit, decodes x {t_dec:.1f} s, + VAE encode):")
-    rows = {}
-    for name, steps, mb, diff in [("paper-faithful (15 steps)", "paper", args.max_batch, "symmetric"),
-                                  ("fast (1 step)", "fast", args.max_batch, "symmetric"),
-                                  ("fast one-sided (1 step, K runs)", "fast", args.max_batch, "one_sided"),
-                                  ("paper, one-at-a-time", "paper", 2, "symmetric"),
-                                  ("fast, one-at-a-time", "fast", 2, "symmetric")]:
-        r = totals(k, steps, mb, diff)
-        rows[name] = r
-        extrap = "extrapolated" if steps == "paper" or mb > max(fit) else "from measured calls"
-        print(f"  {name:34s} UNet evaluations {r['evaluations']:4d} | decodes {r['decodes']:2d} | "
-              f"UNet {r['unet_s']:7.0f} s + decode {r['decode_s']:4.0f} s = {r['total_s']:7.0f} s "
-              f"per image ({extrap})")
-    p, f, f1 = (rows["paper-faithful (15 steps)"], rows["fast (1 step)"],
-                rows["fast one-sided (1 step, K runs)"])
-    print(f"  evaluations paper / fast = {p['evaluations'] / f['evaluations']:.1f}x "
-          f"(aim >= 20x; symmetric 1-step is capped at ~15x = the 15 steps); "
-          f"paper / fast one-sided = {p['evaluations'] / f1['evaluations']:.1f}x")
-    print(f"  wall time paper / fast = {p['total_s'] / f['total_s']:.1f}x: VAE decodes are "
-          f"{100 * f['decode_s'] / f['total_s']:.0f} % of the fast setting on this CPU")
-    per_member_one = t_call(2)
-    per_member_batched = t_call(args.max_batch) / (args.max_batch - 1)
-    print(f"  batched vs one-at-a-time: one member run costs {per_member_one:.2f} s alone "
-          f"([ref, member]) vs {per_member_batched:.2f} s in a chunk of {args.max_batch} -> "
-          f"{per_member_one / per_member_batched:.2f}x faster batched (UNet only; "
-          f"{rows['fast, one-at-a-time']['unet_s'] / f['unet_s']:.2f}x on the fast UNet total)")
-    print(f"  peak working memory (RSS sampled): features +{m_feat:.0f} MiB; UNet call of "
-          + ", ".join(f"batch {b} +{mem[b]:.0f} MiB" for b in sorted(mem))
-          + f"; process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    rows = _per_image_table(cost, size, k, args.max_batch)
+    _print_ratios(rows, cost, args.max_batch, m_feat, mem)
 
     # 5. growth with K (same fit) and with image size (one batch-2 call + one decode, real)
-    print("\ncost vs K at this size (chunks of <= max_batch, UNet time from the fit):")
-    for kk in (5, 10, 20, 30, 40):
-        a, b = totals(kk, "paper", args.max_batch), totals(kk, "fast", args.max_batch)
-        sizes = E.plan(kk, "fast", args.max_batch)["chunk_sizes"]
-        print(f"  K={kk:2d}: chunks {sizes}; paper {a['evaluations']:4d} eval ~{a['total_s']:6.0f} s; "
-              f"fast {b['evaluations']:3d} eval ~{b['total_s']:5.0f} s")
+    _growth_with_k(cost, args.max_batch)
     print("cost vs image size (one UNet call of batch 2 = one member run one-at-a-time, real; "
           "one VAE decode, real):")
     print(f"  {size}px: call {t_b2:6.1f} s, decode {t_dec:5.1f} s, peak +{mem[2]:.0f} MiB "
           f"(site grid {site.grid(hw)})")
-    growth = {size: (t_b2, t_dec)}
-    for s2 in args.sizes:
-        lat2 = torch.randn(1, 4, s2 // 8, s2 // 8, generator=torch.Generator().manual_seed(1))
-        hw2 = tuple(lat2.shape[-2:])
-        site2 = E.choose_site(backend, hw2)
-        x2 = E.add_noise(backend, lat2, E.PAPER_T_M)
-        m2 = torch.zeros(1, *site2.grid(hw2))
-        m2[:, : m2.shape[1] // 2] = 1
-        _, tc, mib = timed(lambda x2=x2, site2=site2, m2=m2: E.run_modulated(
-            backend, x2, site2, m2, torch.tensor([10.0]), [E.PAPER_T_M]))
-        _, td, _ = timed(lambda lat2=lat2: backend.decode(lat2))
-        growth[s2] = (tc, td)
-        print(f"  {s2}px: call {tc:6.1f} s ({tc / t_b2:.1f}x), decode {td:5.1f} s ({td / t_dec:.1f}x), "
-              f"peak +{mib:.0f} MiB (site {site2.key.split('.transformer')[0]}, grid {site2.grid(hw2)})")
+    growth = {size: (t_b2, t_dec), **_growth_with_size(backend, args.sizes, t_b2, t_dec)}
     print(f"\ntotal benchmark wall time {time.perf_counter() - wall0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"fit": fit, "rows": rows, "growth": growth}, indent=1))

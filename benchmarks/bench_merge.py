@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from emergent_seg.core.diffseg import anchor_grid, kl_merge, symmetric_kl
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted test scenes
-from synthetic import planted_aggregate, voronoi_regions  # noqa: E402
+from emergent_seg.fixture.planted import planted_aggregate, voronoi_regions
 
 
 def broadcast_merge(a: torch.Tensor, grid: tuple[int, int], tau: float, iterations: int,

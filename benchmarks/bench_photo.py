@@ -29,9 +29,8 @@ import numpy as np
 
 def make_photo(path: Path, width: int, height: int) -> None:
     import torch.nn.functional as F
-    from PIL import Image
-
     from emergent_seg.fixture.scenes import EVAL_SEED, make_scene
+    from PIL import Image
 
     scene = make_scene(EVAL_SEED + 4242, 256).image
     big = F.interpolate(scene[None], size=(height, width), mode="bilinear", align_corners=False)[0]

@@ -13,14 +13,13 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from emergent_seg.core import emerdiff as E
 from emergent_seg.core.backends.loading import load_backend
-from emergent_seg.core.defaults import emerdiff_defaults
 from emergent_seg.core.images import save_png
 from emergent_seg.core.masks import render_overlay
 from emergent_seg.core.metrics import instance_scores
 from emergent_seg.core.segmentation import Segmentation
+from emergent_seg.core.settings import EmerDiffSettings
 from emergent_seg.fixture.scenes import EVAL_SEED, make_scene
 
 
@@ -36,15 +35,12 @@ def main() -> None:
     rows = []
     for seed in range(a.first, a.first + a.scenes):
         scene = make_scene(seed, 256)
-        d = emerdiff_defaults(backend, 256)
-        kwargs = d.mapper_kwargs()
-        if a.quality:
-            kwargs.update(E.preset(a.quality))
+        s = EmerDiffSettings.for_model(backend, 256, quality=a.quality)
         latent = backend.encode(scene.image[None])
-        low = E.lowres_kmeans(backend, latent, k=d.clusters).lowres
+        low = E.lowres_kmeans(backend, latent, k=s.clusters).lowres
         ids, masks = E.label_masks(low[0])
-        dm = E.difference_maps(backend, latent, masks, steps=kwargs["steps"], difference=kwargs["difference"])
-        maps = E.smooth(dm.maps, kwargs["sigma"])
+        dm = E.difference_maps(backend, latent, masks, steps=s.denoise_steps, difference=s.difference_mode)
+        maps = E.smooth(dm.maps, s.sigma)
         mapped = ids[E.assign(maps)]
         near = E.upsample_labels(low, (256, 256))[0]
         ratios = []

@@ -8,7 +8,7 @@ replace attention at named sites and add to a site's output. Backends: diffusers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -85,6 +85,10 @@ class Backend(Protocol):
 
     #: pixels per latent cell (8 for SD's VAE, 1 for a pixel-space model).
     latent_scale: int
+    #: Defaults measured for this model and stored beside it (``emergent_seg.json["calibration"]``:
+    #: native_size, tau, timestep, emerdiff_k, mapper_quality, mapper_sigma); ``{}`` when none.
+    #: ``core/settings.py`` reads it; nothing else does.
+    calibration: Mapping[str, Any]
 
     def sites(self) -> list[AttentionSite]:
         """All attention sites, in execution order."""
@@ -101,6 +105,10 @@ class Backend(Protocol):
     def empty_conditioning(self) -> Conditioning:
         """Conditioning of the empty prompt (batch 1)."""
 
+    def encode_prompt(self, prompt: str) -> Conditioning:
+        """Conditioning of ``prompt`` (batch 1), with its tokens so segments can be named after
+        words. Raises :class:`EmergentSegError` when the backend has no text encoder."""
+
     def alphas_cumprod(self) -> torch.Tensor:
         """``[T]`` float64 cumulative alphas of the model's DDPM schedule (T = 1000 for SD)."""
 
@@ -109,6 +117,18 @@ class Backend(Protocol):
         """One UNet pass on the noisy latent ``x_t = sqrt(a)*x0 + sqrt(1-a)*eps`` (no host input
         scaling) at integer ``timesteps`` ``[B]``; returns epsilon (v-prediction models convert).
         Hooks are installed for this call only and removed afterwards, whatever happens."""
+
+
+@runtime_checkable
+class HostBackend(Backend, Protocol):
+    """A backend inside a host application that hands over its own data formats (ComfyUI's
+    LATENT and CONDITIONING); the nodes' input handling (``nodes/inputs.py``) needs these too."""
+
+    def latent_in(self, samples: torch.Tensor) -> torch.Tensor:
+        """The host's raw latent -> the scaled latent :meth:`Backend.encode` would give."""
+
+    def from_conditioning(self, conditioning: Any, prompt: str | None = None) -> Conditioning:
+        """The host's conditioning object -> :class:`Conditioning`."""
 
 
 @dataclass

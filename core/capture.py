@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from .attention import DEFAULT_CHUNK_BYTES, explicit_attention, fold_head_mean
 from .backend import Backend, Conditioning, PassHooks, Progress
 from .errors import EmergentSegError, UnsupportedModelError
+from .settings import DIFFSEG_TIMESTEP
 from .sites import AttentionSite, select
-
-DIFFSEG_TIMESTEP = 300
 
 
 @dataclass(frozen=True)
@@ -102,29 +101,10 @@ def _fold_level(aggregate: torch.Tensor, level_mean: torch.Tensor, grid: tuple[i
         target[:, y0:y1] += (weight * up).to(aggregate.dtype).view(b, y1 - y0, 1, wl, 1, ht * wt)
 
 
-def capture_attention(backend: Backend, latents: torch.Tensor, cond: Conditioning | None = None,
-                      timestep: int = DIFFSEG_TIMESTEP, strides: Iterable[int] | None = None,
-                      cross: bool = False, weights: dict[int, float] | None = None,
-                      aggregate_dtype: torch.dtype = torch.float32,
-                      budget_bytes: int = DEFAULT_CHUNK_BYTES,
-                      image_size: tuple[int, int] | None = None,
-                      progress: Progress | None = None) -> AttentionCapture:
-    """One UNet pass on the clean latent at ``timestep`` (no noise added, as the official code),
-    folding every self-attention layer of the chosen resolutions into DiffSeg's aggregate.
-
-    Args:
-        backend: the model.
-        latents: ``[B, C, h, w]`` scaled latents (the VAE posterior mean).
-        cond: conditioning; ``None`` = the empty prompt (DiffSeg's default).
-        timestep: DDPM timestep whose embedding is used (300 in the official code).
-        strides: which resolutions to aggregate, as strides (1 = finest); ``None`` = all.
-        cross: also capture cross-attention (for word labels).
-        weights: per-stride weights; default proportional to the grid side.
-        aggregate_dtype: float32, or float64 for bit-faithful parity runs.
-        budget_bytes: memory for one query chunk of one layer's probabilities.
-        image_size: ``(H, W)`` the labels should have; default latent size x latent_scale.
-        progress: receives one unit per captured layer and is polled for cancellation.
-    """
+def _check_request(backend: Backend, latents: torch.Tensor, timestep: int, strides: Iterable[int] | None,
+                   cross: bool) -> tuple[list[AttentionSite], list[AttentionSite], tuple[int, int]]:
+    """Validate a capture request; returns the self- and cross-attention sites to hook and the
+    latent ``(h, w)``."""
     if latents.ndim != 4:
         raise EmergentSegError(f"latents must be [B,C,h,w], got shape {tuple(latents.shape)}")
     if not 0 <= int(timestep) < len(backend.alphas_cumprod()):
@@ -150,7 +130,12 @@ def capture_attention(backend: Backend, latents: torch.Tensor, cond: Conditionin
         raise EmergentSegError(f"image size {latent_hw[1] * backend.latent_scale}x"
                                f"{latent_hw[0] * backend.latent_scale} is not a multiple of {m}; "
                                f"resize or crop it to a multiple of {m}")
-    b = latents.shape[0]
+    return self_sites, cross_sites, latent_hw
+
+
+def _level_plan(self_sites: list[AttentionSite], latent_hw: tuple[int, int], weights: dict[int, float] | None
+                ) -> tuple[dict[int, int], int, tuple[int, int], dict[int, float]]:
+    """Layers per stride, the finest stride and its grid (the aggregate's), and the per-stride weights."""
     counts: dict[int, int] = {}
     for s in self_sites:
         counts[s.stride] = counts.get(s.stride, 0) + 1
@@ -161,77 +146,125 @@ def capture_attention(backend: Backend, latents: torch.Tensor, cond: Conditionin
     missing = set(counts) - set(level_weights)
     if missing:
         raise EmergentSegError(f"no weight given for strides {sorted(missing)}")
-    n_top = top[0] * top[1]
-    device = latents.device
-    aggregate = torch.zeros(b, n_top, n_top, dtype=aggregate_dtype, device=device)
-    sums: dict[int, torch.Tensor] = {}
-    seen: dict[int, int] = {}
-    cross_sums: dict[int, torch.Tensor] = {}
-    cross_seen: dict[int, int] = {}
-    progress = progress or Progress()
-    scratch_store: dict[str, torch.Tensor] = {}
+    return counts, top_stride, top, level_weights
 
-    def scratch(probs: torch.Tensor) -> torch.Tensor:
+
+class _Accumulator:
+    """The running sums of one capture pass and the attention hooks that fill them, one query
+    chunk at a time (the module docstring's memory plan): the finest level straight into
+    ``aggregate``, coarser levels into ``sums`` until their last layer, cross-attention into
+    ``cross_sums``."""
+
+    def __init__(self, b: int, latent_hw: tuple[int, int], counts: dict[int, int], top_stride: int,
+                 top: tuple[int, int], level_weights: dict[int, float], aggregate_dtype: torch.dtype,
+                 budget_bytes: int, device: torch.device, progress: Progress) -> None:
+        self.b, self.latent_hw, self.counts, self.top_stride = b, latent_hw, counts, top_stride
+        self.top, self.level_weights, self.budget_bytes = top, level_weights, budget_bytes
+        self.device, self.progress = device, progress
+        n_top = top[0] * top[1]
+        self.aggregate = torch.zeros(b, n_top, n_top, dtype=aggregate_dtype, device=device)
+        self.sums: dict[int, torch.Tensor] = {}
+        self.seen: dict[int, int] = {}
+        self.cross_sums: dict[int, torch.Tensor] = {}
+        self.cross_seen: dict[int, int] = {}
+        self._scratch_buf: torch.Tensor | None = None
+
+    def scratch(self, probs: torch.Tensor) -> torch.Tensor:
         # head-sum buffer shared by all layers (largest chunk wins), reused to avoid page faults
         need = probs.shape[0] * probs.shape[2] * probs.shape[3]
-        buf = scratch_store.get("buf")
+        buf = self._scratch_buf
         if buf is None or buf.numel() < need:
-            buf = scratch_store["buf"] = torch.empty(need, dtype=torch.float32, device=probs.device)
+            buf = self._scratch_buf = torch.empty(need, dtype=torch.float32, device=probs.device)
         return buf[:need].view(probs.shape[0], probs.shape[2], probs.shape[3])
 
-    progress.grow(len(self_sites) + len(cross_sites))
-
-    def self_hook(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        progress.check()
-        grid = site.grid(latent_hw)
+    def self_hook(self, site: AttentionSite, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.progress.check()
+        b, counts, top_stride = self.b, self.counts, self.top_stride
+        grid = site.grid(self.latent_hw)
         n = grid[0] * grid[1]
         if q.shape[0] != b or q.shape[1] != n:
             raise EmergentSegError(f"attention at {site.key} has {q.shape[1]} queries for batch "
                                    f"{q.shape[0]}, expected {n} for {b}; the host split the batch")
         if site.stride == top_stride:
-            scale = level_weights[site.stride] / counts[site.stride]
+            aggregate = self.aggregate
+            scale = self.level_weights[site.stride] / counts[site.stride]
 
             def fold(start: int, probs: torch.Tensor) -> None:
-                fold_head_mean(probs, aggregate[:, start:start + probs.shape[2]], scale, scratch(probs))
+                fold_head_mean(probs, aggregate[:, start:start + probs.shape[2]], scale, self.scratch(probs))
         else:
-            buf = sums.setdefault(site.stride, torch.zeros(b, n, n, device=device))
+            buf = self.sums.setdefault(site.stride, torch.zeros(b, n, n, device=self.device))
 
             def fold(start: int, probs: torch.Tensor) -> None:
-                fold_head_mean(probs, buf[:, start:start + probs.shape[2]], 1.0, scratch(probs))
-        out = explicit_attention(q, k, v, site.heads, on_chunk=fold, budget_bytes=budget_bytes)
-        seen[site.stride] = seen.get(site.stride, 0) + 1
-        if site.stride != top_stride and seen[site.stride] == counts[site.stride]:
-            level = sums.pop(site.stride) / counts[site.stride]
-            _fold_level(aggregate, level, grid, top, level_weights[site.stride], budget_bytes)
-        progress.advance()
+                fold_head_mean(probs, buf[:, start:start + probs.shape[2]], 1.0, self.scratch(probs))
+        out = explicit_attention(q, k, v, site.heads, on_chunk=fold, budget_bytes=self.budget_bytes)
+        self.seen[site.stride] = self.seen.get(site.stride, 0) + 1
+        if site.stride != top_stride and self.seen[site.stride] == counts[site.stride]:
+            level = self.sums.pop(site.stride) / counts[site.stride]
+            _fold_level(self.aggregate, level, grid, self.top, self.level_weights[site.stride], self.budget_bytes)
+        self.progress.advance()
         return out
 
-    def cross_hook(site: AttentionSite, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        progress.check()
-        grid = site.grid(latent_hw)
-        buf = cross_sums.setdefault(site.stride, torch.zeros(b, grid[0] * grid[1], k.shape[1], device=device))
+    def cross_hook(self, site: AttentionSite, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.progress.check()
+        grid = site.grid(self.latent_hw)
+        buf = self.cross_sums.setdefault(site.stride, torch.zeros(self.b, grid[0] * grid[1], k.shape[1],
+                                                                  device=self.device))
 
         def fold(start: int, probs: torch.Tensor) -> None:
             fold_head_mean(probs, buf[:, start:start + probs.shape[2]])
-        out = explicit_attention(q, k, v, site.heads, on_chunk=fold, budget_bytes=budget_bytes)
-        cross_seen[site.stride] = cross_seen.get(site.stride, 0) + 1
-        progress.advance()
+        out = explicit_attention(q, k, v, site.heads, on_chunk=fold, budget_bytes=self.budget_bytes)
+        self.cross_seen[site.stride] = self.cross_seen.get(site.stride, 0) + 1
+        self.progress.advance()
         return out
 
-    hooks = PassHooks({s.key: self_hook for s in self_sites})
-    hooks = hooks.merged(PassHooks({s.key: cross_hook for s in cross_sites}))
+
+def capture_attention(backend: Backend, latents: torch.Tensor, cond: Conditioning | None = None,
+                      timestep: int = DIFFSEG_TIMESTEP, strides: Iterable[int] | None = None,
+                      cross: bool = False, weights: dict[int, float] | None = None,
+                      aggregate_dtype: torch.dtype = torch.float32,
+                      budget_bytes: int = DEFAULT_CHUNK_BYTES,
+                      image_size: tuple[int, int] | None = None,
+                      progress: Progress | None = None) -> AttentionCapture:
+    """One UNet pass on the clean latent at ``timestep`` (no noise added, as the official code),
+    folding every self-attention layer of the chosen resolutions into DiffSeg's aggregate.
+
+    Args:
+        backend: the model.
+        latents: ``[B, C, h, w]`` scaled latents (the VAE posterior mean).
+        cond: conditioning; ``None`` = the empty prompt (DiffSeg's default).
+        timestep: DDPM timestep whose embedding is used (300 in the official code).
+        strides: which resolutions to aggregate, as strides (1 = finest); ``None`` = all.
+        cross: also capture cross-attention (for word labels).
+        weights: per-stride weights; default proportional to the grid side.
+        aggregate_dtype: float32, or float64 for bit-faithful parity runs.
+        budget_bytes: memory for one query chunk of one layer's probabilities.
+        image_size: ``(H, W)`` the labels should have; default latent size x latent_scale.
+        progress: receives one unit per captured layer and is polled for cancellation.
+    """
+    self_sites, cross_sites, latent_hw = _check_request(backend, latents, timestep, strides, cross)
+    b = latents.shape[0]
+    counts, top_stride, top, level_weights = _level_plan(self_sites, latent_hw, weights)
+    device = latents.device
+    progress = progress or Progress()
+    acc = _Accumulator(b, latent_hw, counts, top_stride, top, level_weights, aggregate_dtype, budget_bytes,
+                       device, progress)
+    progress.grow(len(self_sites) + len(cross_sites))
+
+    hooks = PassHooks({s.key: acc.self_hook for s in self_sites})
+    hooks = hooks.merged(PassHooks({s.key: acc.cross_hook for s in cross_sites}))
     cond = (cond or backend.empty_conditioning()).expand(b)
     t = torch.full((b,), int(timestep), dtype=torch.long, device=device)
     with torch.no_grad():
         backend.predict_noise(latents, t, cond, hooks)
-    if seen != counts:
-        raise RuntimeError(f"expected self-attention layers {counts}, saw {seen}")
+    if acc.seen != counts:
+        raise RuntimeError(f"expected self-attention layers {counts}, saw {acc.seen}")
 
     levels = tuple(LevelInfo(s, (latent_hw[0] // s, latent_hw[1] // s), counts[s], level_weights[s])
                    for s in sorted(counts))
     cross_levels = tuple(
-        CrossAttentionLevel((latent_hw[0] // s, latent_hw[1] // s), cross_seen[s], cross_sums[s] / cross_seen[s])
-        for s in sorted(cross_sums))
+        CrossAttentionLevel((latent_hw[0] // s, latent_hw[1] // s), acc.cross_seen[s],
+                            acc.cross_sums[s] / acc.cross_seen[s])
+        for s in sorted(acc.cross_sums))
     size = image_size or (latent_hw[0] * backend.latent_scale, latent_hw[1] * backend.latent_scale)
-    return AttentionCapture(aggregate, top, size, levels, cross_levels,
+    return AttentionCapture(acc.aggregate, top, size, levels, cross_levels,
                             cond.tokens if cross else None, cond.prompt if cross else None, int(timestep))

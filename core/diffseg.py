@@ -597,6 +597,28 @@ def threshold_from_quantile(a: torch.Tensor, grid: Sequence[int], quantile: floa
 # -------------------------------------------------------------------------------- entry point
 
 
+def _check_merge_args(a: torch.Tensor, grid: Sequence[int], out_size: Sequence[int], tau: Tau | None,
+                      iterations: int, anchors_per_side: int, mode: str, tau_quantile: float | None,
+                      dtype: torch.dtype) -> tuple:
+    """:func:`kl_merge`'s arguments checked, each failure one clear line: ``((h, w), (H, W),
+    anchors per side, taus per iteration, tau_quantile, aggregate [B, Q, K])``."""
+    if mode not in MODES:
+        raise EmergentSegError(
+            f"unknown mode {mode!r}; use 'fast' (matmul KL, default) or 'parity' (reproduces the "
+            f"official float16 code)")
+    h, w = _check_grid(grid)
+    out_hw = _check_grid(out_size)
+    per_side = _check_per_side(anchors_per_side)
+    if tau is not None and tau_quantile is not None:
+        raise EmergentSegError("give either tau or tau_quantile, not both")
+    taus = _taus(DEFAULT_TAU if tau is None else tau, iterations)
+    if dtype not in (torch.float32, torch.float64):
+        raise EmergentSegError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if tau_quantile is not None:
+        tau_quantile = _check_quantile(tau_quantile)
+    return (h, w), out_hw, per_side, taus, tau_quantile, _check_aggregate(a, (h, w))
+
+
 def kl_merge(a: torch.Tensor, grid: Sequence[int], out_size: Sequence[int],
              tau: Tau | None = None, iterations: int = 3, anchors_per_side: int = 16,
              mode: str = "fast", refine: bool = False, *, tau_quantile: float | None = None,
@@ -629,21 +651,8 @@ def kl_merge(a: torch.Tensor, grid: Sequence[int], out_size: Sequence[int],
         ``(labels, proposals)``: ``labels [B, H, W]`` int64 raw proposal ids (gaps possible after
         the argmax; see :func:`to_segmentation`), and per image the proposals ``[S_b, h*w]``.
     """
-    if mode not in MODES:
-        raise EmergentSegError(
-            f"unknown mode {mode!r}; use 'fast' (matmul KL, default) or 'parity' (reproduces the "
-            f"official float16 code)")
-    h, w = _check_grid(grid)
-    out_h, out_w = _check_grid(out_size)
-    per_side = _check_per_side(anchors_per_side)
-    if tau is not None and tau_quantile is not None:
-        raise EmergentSegError("give either tau or tau_quantile, not both")
-    taus = _taus(DEFAULT_TAU if tau is None else tau, iterations)
-    if dtype not in (torch.float32, torch.float64):
-        raise EmergentSegError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    if tau_quantile is not None:
-        tau_quantile = _check_quantile(tau_quantile)
-    batch = _check_aggregate(a, (h, w))
+    (h, w), (out_h, out_w), per_side, taus, tau_quantile, batch = _check_merge_args(
+        a, grid, out_size, tau, iterations, anchors_per_side, mode, tau_quantile, dtype)
 
     steps = iterations + (1 if refine else 0) + 1
     total = batch.shape[0] * steps

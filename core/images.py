@@ -56,7 +56,9 @@ def native_side(backend: object) -> int:
     """The square side a model was trained at: the stored default (``calibration["native_size"]``,
     the embedded model's 256), else the UNet's ``sample_size`` times the VAE factor (SD1.x 512,
     SD2.x-v 768, SDXL 1024), else 512."""
-    calibration = getattr(backend, "calibration", None) or {}
+    from .settings import calibration_of
+
+    calibration = calibration_of(backend)
     if calibration.get("native_size"):
         return int(calibration["native_size"])
     config = getattr(getattr(backend, "unet", None), "config", None)
@@ -136,7 +138,12 @@ def fit_image(image: torch.Tensor, size: str | int | None, multiple: int, native
 
 
 def save_png(array: torch.Tensor | np.ndarray, path: str | Path) -> None:
-    """Save ``[H,W]`` (grey/labels as uint8) or ``[H,W,3]`` float in [0,1] or uint8 as PNG."""
+    """Save ``[H,W]`` (grey/labels as uint8) or ``[H,W,3]`` float in [0,1] or uint8 as PNG.
+
+    Written to a temporary file beside ``path`` and renamed into place, so an interrupted run
+    never leaves a truncated PNG under the final name."""
+    import os
+
     from PIL import Image
 
     arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
@@ -145,4 +152,11 @@ def save_png(array: torch.Tensor | np.ndarray, path: str | Path) -> None:
             arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
         else:
             arr = arr.astype(np.uint16) if arr.max(initial=0) > 255 else arr.astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        Image.fromarray(arr).save(partial, format="PNG")
+        os.replace(partial, path)
+    finally:
+        if partial.exists():
+            partial.unlink()

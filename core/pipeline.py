@@ -5,57 +5,13 @@ Each takes a :class:`Backend` and images ``[B,3,H,W]`` in [0,1] and returns a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from .backend import Backend, Conditioning, Progress, check_size
-from .capture import DIFFSEG_TIMESTEP, AttentionCapture, capture_attention
+from .capture import AttentionCapture, capture_attention
 from .errors import EmergentSegError
 from .segmentation import Segmentation
-
-
-@dataclass(frozen=True)
-class DiffSegSettings:
-    """DiffSeg's knobs with the official defaults (COCO-Stuff-27 benchmark)."""
-
-    timestep: int = DIFFSEG_TIMESTEP
-    tau: float | None = 1.1
-    tau_quantile: float | None = None
-    iterations: int = 3
-    anchors_per_side: int = 16
-    mode: str = "fast"
-    refine: bool = False
-    strides: tuple[int, ...] | None = None
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def for_model(cls, backend: Backend, **overrides: object) -> "DiffSegSettings":
-        """The settings a model should run with: its stored defaults (``core/defaults.py``: the
-        embedded model's calibrated tau and timestep), else the paper's; ``overrides`` win."""
-        from .defaults import diffseg_threshold, diffseg_timestep
-
-        tau, quantile = diffseg_threshold(backend)
-        if "tau" in overrides or "tau_quantile" in overrides:
-            tau, quantile = overrides.pop("tau", None), overrides.pop("tau_quantile", None)
-        return cls(**{"timestep": diffseg_timestep(backend), "tau": tau, "tau_quantile": quantile,
-                      **overrides})
-
-    def __post_init__(self) -> None:
-        """Bad values fail here, before any model work, with the same one-line messages the
-        merge gives."""
-        from .diffseg import _check_per_side, _taus
-
-        if self.tau is None and self.tau_quantile is None:
-            raise EmergentSegError("give tau or tau_quantile (DiffSeg's paper: tau = 1.1 on COCO)")
-        if self.tau_quantile is not None and not 0.0 < float(self.tau_quantile) <= 1.0:
-            raise EmergentSegError(f"tau_quantile must be in (0, 1], got {self.tau_quantile!r}")
-        _taus(self.tau if self.tau is not None else 1.0, self.iterations)
-        _check_per_side(self.anchors_per_side)
-        if self.mode not in ("fast", "parity"):
-            raise EmergentSegError(f"mode must be fast or parity, got {self.mode!r}")
-        if not 0 <= int(self.timestep) <= 999:
-            raise EmergentSegError(f"timestep must be in 0..999, got {self.timestep!r} (DiffSeg uses 300)")
+from .settings import DiffSegSettings, EmerDiffSettings
 
 
 def check_images(backend: Backend, images: torch.Tensor) -> None:
@@ -144,4 +100,46 @@ def concat(parts: list[Segmentation]) -> Segmentation:
     words = tuple(w for p in parts for w in p.words) if all(p.words for p in parts) else ()
     lowres = torch.cat([p.lowres for p in parts]) if all(p.lowres is not None for p in parts) else None
     return Segmentation(torch.cat([p.labels for p in parts]), tuple(c for p in parts for c in p.counts),
-                        words, lowres, parts[0].method, dict(parts[0].info))
+                        words, lowres, parts[0].method, dict(parts[0].info),
+                        parts[0].lowres_layer if lowres is not None else None)
+
+
+def image_side(images: torch.Tensor) -> int:
+    """The side of the square with the images' area (EmerDiff's sigma scales with it)."""
+    return int(round((int(images.shape[-2]) * int(images.shape[-1])) ** 0.5))
+
+
+def segment_emerdiff(backend: Backend, images: torch.Tensor, cond: Conditioning | None = None,
+                     settings: EmerDiffSettings | None = None, *, seed: int = 0,
+                     progress: Progress | None = None) -> Segmentation:
+    """EmerDiff end to end: low-res k-means + the modulated denoising mapper, labels at the
+    images' size. ``settings=None``: the model's defaults at this size (``core/settings.py``)."""
+    from .emerdiff import emerdiff
+
+    check_images(backend, images)
+    settings = settings or EmerDiffSettings.for_model(backend, image_side(images))
+    latents = backend.encode(images)
+    return emerdiff(backend, latents, settings, cond=cond, seed=seed,
+                    image_size=tuple(images.shape[-2:]), progress=progress)
+
+
+def refine_with_mapper(backend: Backend, images: torch.Tensor, seg: Segmentation,
+                       cond: Conditioning | None = None, settings: EmerDiffSettings | None = None, *,
+                       seed: int = 0, progress: Progress | None = None) -> Segmentation:
+    """Sharpen any segmentation of ``images`` with EmerDiff's mapper: its labels are pooled onto
+    the mapper's grid by majority vote, modulated, and the segment words carried over."""
+    from dataclasses import replace
+
+    from .emerdiff import carry_words, choose_site, lowres_from_segmentation, modulated_denoise_mapper
+
+    check_images(backend, images)
+    settings = settings or EmerDiffSettings.for_model(backend, image_side(images))
+    latents = backend.encode(images)
+    latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
+    grid = choose_site(backend, latent_hw, settings.grid, settings.layer, settings.depth).grid(latent_hw)
+    low = lowres_from_segmentation(seg, grid)
+    refined = modulated_denoise_mapper(
+        backend, latents, low, replace(settings, grid=grid), cond=cond, seed=seed,
+        image_size=tuple(images.shape[-2:]), method=f"{seg.method or 'segmentation'}+mapper",
+        extra_info={"source": seg.method, seg.method or "source": dict(seg.info)}, progress=progress)
+    return carry_words(seg, low, refined)

@@ -18,7 +18,10 @@ class Segmentation:
         lowres: optional ``[B, h, w]`` int64 label grid the result was built from (e.g. the 16x16
             k-means grid), with the same label ids as ``labels``.
         method: which producer made it ("diffseg", "emerdiff", "diffseg+mapper", ...).
-        info: free-form, JSON-friendly facts for display (chosen block, threshold used, ...).
+        info: free-form, JSON-friendly facts for display (chosen block, threshold used, ...);
+            nothing downstream reads it to decide what to do.
+        lowres_layer: which transformer of the grid's decoder block ``lowres`` came from (Low-Res
+            KMeans' ``layer``); the mapper modulates that same layer. ``None`` = not from features.
     """
 
     labels: torch.Tensor
@@ -27,6 +30,7 @@ class Segmentation:
     lowres: torch.Tensor | None = None
     method: str = ""
     info: dict = field(default_factory=dict)
+    lowres_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.labels.ndim != 3:
@@ -54,7 +58,7 @@ class Segmentation:
 
     @staticmethod
     def from_labels(labels: torch.Tensor, method: str = "", lowres: torch.Tensor | None = None,
-                    info: dict | None = None) -> "Segmentation":
+                    info: dict | None = None, lowres_layer: int | None = None) -> "Segmentation":
         """Build from raw labels that may have gaps (e.g. DiffSeg's argmax ids): each image is
         relabelled to ``0..n-1`` in increasing order of the raw id, so the order is stable."""
         if labels.ndim == 2:
@@ -70,4 +74,5 @@ class Segmentation:
                 # Low-res cells whose id vanished at full resolution map to the nearest kept id.
                 lut = torch.searchsorted(ids, lowres[b].reshape(-1).to(ids.dtype)).clamp(max=ids.numel() - 1)
                 low[b] = lut.reshape(lowres[b].shape)
-        return Segmentation(compact, tuple(counts), lowres=low, method=method, info=dict(info or {}))
+        return Segmentation(compact, tuple(counts), lowres=low, method=method, info=dict(info or {}),
+                            lowres_layer=lowres_layer if lowres is not None else None)

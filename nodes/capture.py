@@ -6,14 +6,31 @@ from typing import Any, Sequence
 
 import torch
 
-from ..core.capture import DIFFSEG_TIMESTEP, capture_attention
+from ..core.capture import capture_attention
 from ..core.errors import EmergentSegError
+from ..core.settings import DIFFSEG_TIMESTEP
 from ..core.sites import AttentionSite
 from ..core.words import label_words
-from .inputs import IMAGE_SOURCE_INPUTS, conditioning_from, latents_from, make_backend
-from .inputs import stack_images  # noqa: F401  (re-exported)
-from .types import (ATTENTION, CLIP, CONDITIONING, INT, MODEL, STRING, Input, NodeResult, NodeSpec,
-                    Output, host_progress)
+from .inputs import (
+    IMAGE_SOURCE_INPUTS,
+    conditioning_from,
+    latents_from,
+    make_backend,
+    stack_images,  # noqa: F401  (re-exported)
+)
+from .types import (
+    ATTENTION,
+    CLIP,
+    CONDITIONING,
+    INT,
+    MODEL,
+    STRING,
+    Input,
+    NodeResult,
+    NodeSpec,
+    Output,
+    host_progress,
+)
 
 SPEC = NodeSpec(
     node_id="EmergentSegCaptureAttention",

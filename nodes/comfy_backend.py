@@ -151,6 +151,8 @@ class ComfyBackend:
         self._by_key = {s.key: s for s in self._sites}
         ratio = getattr(vae, "downscale_ratio", 8)  # a callable for some video VAEs
         self.latent_scale = ratio if isinstance(ratio, int) else 8
+        #: a user's checkpoint carries no stored defaults: the papers' values apply
+        self.calibration: dict = {}
         self._empty: Conditioning | None = None
 
     # --- Backend protocol -------------------------------------------------------------------

@@ -7,12 +7,15 @@ imported only when a node runs inside the host.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 
 from ..core.backend import Conditioning, Progress, check_size, nearest_fit
 from ..core.errors import EmergentSegError
+from ..core.segmentation import Segmentation
+from ..core.sites import AttentionSite
 from .types import IMAGE, LATENT, VAE, Input
 
 #: The image source of a node that encodes its own image (Capture Attention, Low-Res KMeans):
@@ -123,3 +126,27 @@ def conditioning_from(backend: Any, clip: Any, prompt: str | None, conditioning:
                                "or a CONDITIONING from CLIP Text Encode")
     prompt = (prompt or "").strip()
     return backend.encode_prompt(prompt) if prompt else backend.empty_conditioning()
+
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+# Not named "seed": the frontend gives INT inputs named seed/noise_seed a "control after generate"
+# widget that randomizes by default, which would re-run (and change) the segmentation every queue.
+SEED_TOOLTIP = ("Seed of the noise sample and of the k-means initialisation. The same seed gives the "
+                "same segments (it is not randomized after each run).")
+
+
+def site_text(site: AttentionSite, grid: tuple[int, int], requested: int | tuple[int, int]) -> str:
+    """``"output.3.0.attn2 (16x16 grid)"``, noting when the requested grid was not available."""
+    req = requested if isinstance(requested, tuple) else (requested, requested)
+    if min(req) <= 0:
+        note = ", auto: 1/32 of the image side"
+    else:
+        note = "" if tuple(req) == tuple(grid) else f", nearest to the requested {req[0]}x{req[1]}"
+    return f"{site.key} ({grid[0]}x{grid[1]} grid{note})"
+
+
+def on_cpu(seg: Segmentation) -> Segmentation:
+    """The segmentation with its label tensors on the CPU, as KL Merge returns them (small, and
+    what Mask Output and previews expect; the k-means ran wherever the features were)."""
+    lowres = None if seg.lowres is None else seg.lowres.cpu()
+    return replace(seg, labels=seg.labels.cpu(), lowres=lowres)

@@ -9,18 +9,11 @@ import torch
 from ..core import emerdiff as E
 from ..core.backend import check_size
 from ..core.errors import EmergentSegError
-from ..core.segmentation import Segmentation
-from ..core.sites import AttentionSite
-from .inputs import IMAGE_SOURCE_INPUTS, conditioning_from, latent_size, latents_from, make_backend
+from .inputs import (IMAGE_SOURCE_INPUTS, SEED_MAX, SEED_TOOLTIP, conditioning_from, latent_size, latents_from,
+                     make_backend, on_cpu, site_text)
 from .inputs import latent_hw as run_latent_hw
 from .types import (CLIP, CONDITIONING, INT, MODEL, SEGMENTATION, STRING, Input, NodeResult, NodeSpec,
                     Output, host_progress)
-
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
-# Not named "seed": the frontend gives INT inputs named seed/noise_seed a "control after generate"
-# widget that randomizes by default, which would re-run (and change) the segmentation every queue.
-SEED_TOOLTIP = ("Seed of the noise sample and of the k-means initialisation. The same seed gives the "
-                "same segments (it is not randomized after each run).")
 
 SPEC = NodeSpec(
     node_id="EmergentSegLowResKMeans",
@@ -67,16 +60,6 @@ SPEC = NodeSpec(
 )
 
 
-def site_text(site: AttentionSite, grid: tuple[int, int], requested: int | tuple[int, int]) -> str:
-    """``"output.3.0.attn2 (16x16 grid)"``, noting when the requested grid was not available."""
-    req = requested if isinstance(requested, tuple) else (requested, requested)
-    if min(req) <= 0:
-        note = ", auto: 1/32 of the image side"
-    else:
-        note = "" if tuple(req) == tuple(grid) else f", nearest to the requested {req[0]}x{req[1]}"
-    return f"{site.key} ({grid[0]}x{grid[1]} grid{note})"
-
-
 def run(model: Any, image: torch.Tensor | None = None, vae: Any = None, latent: dict | None = None,
         clip: Any = None, prompt: str = "", conditioning: list | None = None,
         clusters: int = E.DEFAULT_K, timestep: int = E.PAPER_T_F, rng_seed: int = 0,
@@ -98,19 +81,11 @@ def run(model: Any, image: torch.Tensor | None = None, vae: Any = None, latent: 
                                f"{g[0] * g[1]} clusters or a larger image")
     latents, image_size = latents_from(backend, image, latent, name)
     cond = conditioning_from(backend, clip, prompt, conditioning, name)
-    seg = E.lowres_kmeans(backend, latents, int(clusters), cond, int(timestep), int(rng_seed), int(grid),
-                          int(layer), image_size=image_size, progress=progress)
+    seg = E.lowres_kmeans(backend, latents, int(clusters), cond=cond, timestep=int(timestep), seed=int(rng_seed),
+                          grid=int(grid), layer=int(layer), image_size=image_size, progress=progress)
     where = site_text(site, g, int(grid))
     summary = (f"Low-Res KMeans: K = {int(clusters)} on {where}, t_f = {int(timestep)}, "
                f"seed {int(rng_seed)}; segments per image: {', '.join(map(str, seg.counts))}; "
                f"{seg.info['evaluations']} UNet evaluation(s)")
-    seg = replace(on_cpu(seg), info={**seg.info, "layer": int(layer), "summary": summary})
+    seg = replace(on_cpu(seg), info={**seg.info, "summary": summary})
     return NodeResult((seg, summary))
-
-
-def on_cpu(seg: Segmentation) -> Segmentation:
-    """The segmentation with its label tensors on the CPU, as KL Merge returns them (small, and
-    what Mask Output and previews expect; the k-means ran wherever the features were)."""
-    lowres = None if seg.lowres is None else seg.lowres.cpu()
-    return replace(seg, labels=seg.labels.cpu(), lowres=lowres)
-

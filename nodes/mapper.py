@@ -11,14 +11,13 @@ from ..core.backend import check_size
 from ..core.errors import EmergentSegError
 from ..core.emerdiff import carry_words
 from ..core.segmentation import Segmentation
-from .inputs import conditioning_from, latent_size, latents_from, make_backend
+from ..core.settings import INJECT_MODES, QUALITY_PRESETS, EmerDiffSettings
+from .inputs import SEED_MAX, SEED_TOOLTIP, conditioning_from, latent_size, latents_from, make_backend, on_cpu, site_text
 from .inputs import latent_hw as run_latent_hw
-from .lowres_kmeans import SEED_MAX, SEED_TOOLTIP, on_cpu, site_text
 from .types import (CLIP, COMBO, CONDITIONING, FLOAT, IMAGE, INT, LATENT, MODEL, SEGMENTATION, STRING,
                     VAE, Input, NodeResult, NodeSpec, Output, host_progress)
 
-QUALITIES = tuple(E.QUALITY_PRESETS)            # ("fast", "faithful", "fast-symmetric")
-INJECT_MODES = ("all", "self", "cross", "none")
+QUALITIES = tuple(QUALITY_PRESETS)            # ("fast", "faithful", "fast-symmetric")
 
 SPEC = NodeSpec(
     node_id="EmergentSegModulatedDenoiseMapper",
@@ -94,12 +93,8 @@ def run(model: Any, vae: Any, image: torch.Tensor | None = None, latent: dict | 
     if not isinstance(seg, Segmentation):
         raise EmergentSegError("the segmentation input must come from Low-Res KMeans, KL Merge or "
                                "another emergent-seg segmenter")
-    settings = E.preset(quality)
-    if inject not in INJECT_MODES:
-        raise EmergentSegError(f"unknown inject mode {inject!r}; use one of: {', '.join(INJECT_MODES)}")
-    if float(lam) == 0.0:
-        raise EmergentSegError("lambda must not be 0: unmodulated runs all give the same image, so no "
-                               "pixel could choose a segment; EmerDiff uses lambda = 10")
+    settings = EmerDiffSettings(quality=quality, lam=float(lam), t_m=int(t_m), sigma=float(sigma),
+                                inject=inject, max_batch=int(max_batch))
     progress = host_progress()
     backend = make_backend(model, vae, clip, progress, backend_factory)
     batch, height, width = latent_size(backend, image, latent, name)
@@ -116,7 +111,7 @@ def run(model: Any, vae: Any, image: torch.Tensor | None = None, latent: dict | 
     # paper's grid (1/32 of the image side).
     if seg.lowres is not None:
         requested: int | tuple[int, int] = tuple(int(v) for v in seg.lowres.shape[-2:])
-        layer = int(seg.info.get("layer", E.DEFAULT_LAYER))
+        layer = E.DEFAULT_LAYER if seg.lowres_layer is None else int(seg.lowres_layer)
     else:
         requested, layer = E.DEFAULT_GRID, E.DEFAULT_LAYER
     site = E.choose_site(backend, latent_hw, requested, layer)
@@ -130,14 +125,12 @@ def run(model: Any, vae: Any, image: torch.Tensor | None = None, latent: dict | 
     extra = {"quality": quality, "source": seg.method, "layer": layer,
              "lowres_from": "pooled labels" if pooled else "low-res grid"}
     out = E.modulated_denoise_mapper(
-        backend, latents, low, float(lam), int(t_m), settings["steps"], float(sigma), cond,
-        int(rng_seed), g, layer, inject=inject, difference=settings["difference"],
-        max_batch=int(max_batch), image_size=image_size, method=method, extra_info=extra,
-        progress=progress)
+        backend, latents, low, replace(settings, grid=g, layer=layer), cond=cond, seed=int(rng_seed),
+        image_size=image_size, method=method, extra_info=extra, progress=progress)
     out = carry_words(seg, low, out)
     info = out.info
     summary = (f"Modulated Denoise Mapper ({quality}: {info['steps']} step(s) from t_m = {int(t_m)}, "
-               f"{settings['difference'].replace('_', '-')} difference, lambda {float(lam):g}, "
+               f"{settings.difference_mode.replace('_', '-')} difference, lambda {float(lam):g}, "
                f"inject {inject}) at {site_text(site, g, requested)}; low-res "
                f"{'pooled from the labels' if pooled else 'grid as given'}: "
                f"{', '.join(map(str, info['segments']))} segment(s) -> "

@@ -56,7 +56,7 @@ def run(segmentation: Segmentation, selection: str = "all", invert: bool = False
         save_preview: SavePreview | None = None) -> NodeResult:
     seg = segmentation
     if not isinstance(seg, Segmentation):
-        raise EmergentSegError("the segmentation input must come from KL Merge")
+        raise EmergentSegError("the segmentation input must come from KL Merge, Low-Res KMeans or Modulated Denoise Mapper")
     selected = masks.resolve_selection(seg, selection)
     union = masks.refine_mask(masks.selection_mask(seg, selected), bool(invert), int(grow), int(feather))
     per_segment, _ = masks.segment_masks(seg)

@@ -70,9 +70,16 @@ class NodeResult:
 
 
 def host_progress(total: int = 0) -> Progress:
-    """ComfyUI's progress bar and Cancel when running inside ComfyUI; a silent one otherwise."""
-    try:
-        from .comfy_backend import comfy_progress
-    except ImportError:
+    """ComfyUI's progress bar and Cancel when running inside ComfyUI; a silent one when ComfyUI is
+    not importable (host-free tests). Any other import failure is a real error and propagates."""
+    import importlib.util
+
+    try:  # "comfy" alone could be any folder of that name on sys.path (tests/comfy is one)
+        in_host = importlib.util.find_spec("comfy.model_management") is not None
+    except ModuleNotFoundError:
+        in_host = False
+    if not in_host:
         return Progress(total=total)
+    from .comfy_backend import comfy_progress
+
     return comfy_progress(total)

@@ -228,3 +228,43 @@ def test_a_rerun_with_fewer_segments_removes_the_stale_masks(model_dir, image_pa
     count, _ = check_outputs(out, capsys)
     assert not any(p.read_bytes() == b"old" for p in out.glob("scene_seg*.png"))
     assert (out / "other_seg05.png").read_bytes() == b"keep"
+
+
+def test_png_writes_are_atomic(tmp_path, monkeypatch):
+    from emergent_seg.core.images import save_png
+
+    target = tmp_path / "mask.png"
+    save_png(torch.ones(4, 4), target)
+    before = target.read_bytes()
+
+    def crash(self, fp, *a, **k):          # dies half-way through writing the new file
+        open(fp, "wb").write(b"\x89PNG half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_png(torch.zeros(4, 4), target)
+    assert target.read_bytes() == before                 # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.png"]   # no partial file left
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(model_dir, image_path, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_segment_one", interrupted)
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(image_path), "--model", str(model_dir), "--out", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: interrupted") and "\n" not in err and "Traceback" not in err
+    assert not list(out.glob("*.png"))
+
+
+def test_cancel_through_progress_is_one_line(model_dir, image_path, tmp_path, capsys, monkeypatch):
+    from emergent_seg.core.backend import Progress
+    from emergent_seg.progress import TerminalProgress
+
+    monkeypatch.setattr(TerminalProgress, "__call__",
+                        lambda self: Progress(is_cancelled=lambda: True))
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(image_path), "--model", str(model_dir), "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "error: cancelled by the user"
+    assert not list(out.glob("*.png"))

@@ -59,7 +59,7 @@ EXACT_BATCH = 3
 
 @pytest.fixture(scope="module")
 def fast_maps(sd15, latent) -> E.DifferenceMaps:
-    return E.difference_maps(sd15, latent, _masks(), lam=10.0, steps="fast", max_batch=EXACT_BATCH, grid=GRID)
+    return E.difference_maps(sd15, latent, _masks(), lam=10.0, steps=E.FAST_STEPS, max_batch=EXACT_BATCH, grid=GRID)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def test_injection_identity_unmodulated_member_equals_reference(sd15, latent, in
 # ---------------------------------------------------------------------------------------------
 
 def test_lambda_zero_and_empty_mask_give_zero_maps(sd15, latent, fast_maps):
-    zero = E.difference_maps(sd15, latent, _masks()[:1], lam=0.0, steps="fast", grid=GRID)
+    zero = E.difference_maps(sd15, latent, _masks()[:1], lam=0.0, steps=E.FAST_STEPS, grid=GRID)
     assert zero.maps.shape == (1, *HW)
     assert torch.count_nonzero(zero.maps) == 0                         # [ref, +0*M, -0*M]
     assert torch.count_nonzero(fast_maps.maps[1]) == 0                 # all-zero M -> d = 0
@@ -313,7 +313,7 @@ def test_lambda_zero_and_empty_mask_give_zero_maps(sd15, latent, fast_maps):
 
 
 def test_swapping_signs_gives_the_same_map(sd15, latent, fast_maps):
-    swapped = E.difference_maps(sd15, latent, _masks(), lam=-10.0, steps="fast", max_batch=EXACT_BATCH, grid=GRID)
+    swapped = E.difference_maps(sd15, latent, _masks(), lam=-10.0, steps=E.FAST_STEPS, max_batch=EXACT_BATCH, grid=GRID)
     assert torch.equal(swapped.maps, fast_maps.maps)
 
 
@@ -343,7 +343,7 @@ def test_chunking_does_not_change_the_maps(sd15, latent):
 
 
 def test_one_sided_difference(sd15, latent):
-    zero = E.difference_maps(sd15, latent, _masks()[:1], lam=0.0, steps="fast", difference="one_sided", grid=GRID)
+    zero = E.difference_maps(sd15, latent, _masks()[:1], lam=0.0, steps=E.FAST_STEPS, difference="one_sided", grid=GRID)
     assert torch.count_nonzero(zero.maps) == 0 and zero.evaluations == 2 and zero.decodes == 2
 
 
@@ -362,8 +362,8 @@ def test_smooth_and_assign():
 
 
 def test_denoise_timesteps():
-    assert E.denoise_timesteps(281, "paper") == list(range(281, 0, -20))
-    assert E.denoise_timesteps(281, "fast") == [281]
+    assert E.denoise_timesteps(281, E.PAPER_STEPS) == list(range(281, 0, -20))
+    assert E.denoise_timesteps(281, E.FAST_STEPS) == [281]
     assert len(E.denoise_timesteps(281, 15)) == 15
     with pytest.raises(EmergentSegError):
         E.denoise_timesteps(281, 0)
@@ -376,15 +376,15 @@ def test_denoise_timesteps():
 def test_mapper_assigns_per_pixel_argmax_of_smoothed_maps(sd15, latent):
     lowres = torch.full((1, 16, 16), 9, dtype=torch.long)
     lowres[0, 8:, 4:] = 2
-    seg = E.modulated_denoise_mapper(sd15, latent, lowres, steps="fast", sigma=1.0, method="test",
-                                     max_batch=EXACT_BATCH, grid=GRID)
+    seg = E.modulated_denoise_mapper(sd15, latent, lowres, E.EmerDiffSettings(
+        quality="faithful", steps=E.FAST_STEPS, sigma=1.0, max_batch=EXACT_BATCH, grid=GRID), method="test")
     assert seg.labels.shape == (1, *HW) and seg.method == "test"
     assert seg.info["grid"] == [16, 16] and seg.info["site"].startswith("up_blocks.2.attentions.0")
     assert seg.info["evaluations"] == 6 and seg.info["vae_decodes"] == 4 and seg.info["steps"] == 1
     assert seg.info["chunks"] == 2
     assert seg.info["segments"] == [2]
     ids, masks = E.label_masks(lowres[0])
-    dm = E.difference_maps(sd15, latent, masks, steps="fast", max_batch=EXACT_BATCH, grid=GRID)
+    dm = E.difference_maps(sd15, latent, masks, steps=E.FAST_STEPS, max_batch=EXACT_BATCH, grid=GRID)
     want = ids[E.assign(E.smooth(dm.maps, 1.0))]
     assert torch.equal(Segmentation.from_labels(want.unsqueeze(0)).labels, seg.labels)
     assert torch.equal(seg.lowres, Segmentation.from_labels(lowres).labels)
@@ -397,8 +397,8 @@ def test_mapper_accepts_pooled_labels_and_drops_lost_segments(sd15, latent):
     seg = Segmentation.from_labels(full, method="diffseg")
     low = E.lowres_from_segmentation(seg, (16, 16))
     assert set(low.unique().tolist()) == {0, 1}
-    out = E.modulated_denoise_mapper(sd15, latent, low, steps="fast", method="diffseg+mapper",
-                                     max_batch=EXACT_BATCH, grid=GRID)
+    out = E.modulated_denoise_mapper(sd15, latent, low, E.EmerDiffSettings(
+        quality="faithful", steps=E.FAST_STEPS, max_batch=EXACT_BATCH, grid=GRID), method="diffseg+mapper")
     assert out.counts[0] <= 2 and out.info["segments"] == [2] and out.info["evaluations"] == 6
     assert out.method == "diffseg+mapper" and out.labels.shape == (1, *HW)
 
@@ -406,22 +406,23 @@ def test_mapper_accepts_pooled_labels_and_drops_lost_segments(sd15, latent):
 def test_mapper_bad_inputs(sd15, latent):
     low = torch.zeros(1, 16, 16, dtype=torch.long)
     with pytest.raises(EmergentSegError, match="lambda must be non-zero"):
-        E.modulated_denoise_mapper(sd15, latent, low, lam=0.0, grid=GRID)
+        E.modulated_denoise_mapper(sd15, latent, low, E.EmerDiffSettings(lam=0.0, grid=GRID))
     with pytest.raises(EmergentSegError, match="works on a 16x16 grid"):
-        E.modulated_denoise_mapper(sd15, latent, torch.zeros(1, 8, 8, dtype=torch.long), grid=GRID)
+        E.modulated_denoise_mapper(sd15, latent, torch.zeros(1, 8, 8, dtype=torch.long), E.EmerDiffSettings(grid=GRID))
     with pytest.raises(EmergentSegError, match="integer labels"):
-        E.modulated_denoise_mapper(sd15, latent, low.float(), grid=GRID)
+        E.modulated_denoise_mapper(sd15, latent, low.float(), E.EmerDiffSettings(grid=GRID))
     with pytest.raises(EmergentSegError, match="injection mode"):
-        E.modulated_denoise_mapper(sd15, latent, low, inject="some", grid=GRID)
+        E.modulated_denoise_mapper(sd15, latent, low, E.EmerDiffSettings(inject="some", grid=GRID))
     with pytest.raises(EmergentSegError, match="t_m"):
-        E.modulated_denoise_mapper(sd15, latent, low, t_m=1000, grid=GRID)
+        E.modulated_denoise_mapper(sd15, latent, low, E.EmerDiffSettings(t_m=1000, grid=GRID))
 
 
 def test_emerdiff_end_to_end_sdxl_layout_progress_and_cancel(latent):
     backend = tiny_backend("sdxl")
     updates = []
     progress = Progress(on_update=lambda done, total: updates.append((done, total)))
-    seg = E.emerdiff(backend, latent, k=2, steps="fast", progress=progress, grid=GRID)
+    seg = E.emerdiff(backend, latent, E.EmerDiffSettings(clusters=2, quality="faithful", steps=E.FAST_STEPS, grid=GRID),
+                     progress=progress)
     assert seg.labels.shape == (1, *HW) and seg.method == "emerdiff" and 1 <= seg.counts[0] <= 2
     assert seg.info["evaluations"] == 1 + 5 and seg.info["feature_evaluations"] == 1
     assert seg.info["mapper_evaluations"] == 5 and seg.info["k"] == 2
@@ -434,15 +435,16 @@ def test_emerdiff_end_to_end_sdxl_layout_progress_and_cancel(latent):
         return len(polls) >= 3
     cancel = Progress(is_cancelled=cancelled)
     with pytest.raises(Interrupted):
-        E.emerdiff(backend, latent, k=2, steps=2, progress=cancel, grid=GRID)
+        E.emerdiff(backend, latent, E.EmerDiffSettings(clusters=2, quality="faithful", steps=2, grid=GRID),
+                   progress=cancel)
 
 
 def test_plan_counts():
-    paper = E.plan(20, "paper", features=True)
-    fast = E.plan(20, "fast", features=True)
+    paper = E.plan(20, E.PAPER_STEPS, features=True)
+    fast = E.plan(20, E.FAST_STEPS, features=True)
     assert paper["chunk_sizes"] == [21, 21] and paper["evaluations"] == 1 + 15 * 42 and paper["decodes"] == 40
     assert fast["evaluations"] == 43 and fast["unet_passes"] == 2
-    one = E.plan(20, "fast", difference="one_sided", features=True)
+    one = E.plan(20, E.FAST_STEPS, difference="one_sided", features=True)
     assert one["evaluations"] == 22 and one["decodes"] == 21
     assert paper["evaluations"] / one["evaluations"] >= 20
     assert E.plan(3, 2, max_batch=4)["chunk_sizes"] == [4, 4]             # balanced: 3 + 3 members

@@ -1,4 +1,4 @@
-"""Evaluation harness (core/evaluate.py), calibration, and the ``demo``/``eval`` commands.
+"""Evaluation harness (evaluation/), calibration, and the ``demo``/``eval`` commands.
 
 Everything here runs on a freshly initialised miniature SD (the embedded model's architecture)
 saved to a temp dir, so it never depends on the trained weights or on their quality.
@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from emergent_seg import cli
-from emergent_seg.core import evaluate as V
+from emergent_seg import evaluation as V
+from emergent_seg.evaluation import scoring
 from emergent_seg.core.errors import EmergentSegError
 from emergent_seg.core.metrics import SegmentationScorer, instance_scores
+from emergent_seg.core.settings import DiffSegSettings
 from emergent_seg.fixture.scenes import EVAL_SEED, TEXTURE_NAMES, make_scenes
 
 
@@ -183,7 +185,7 @@ def test_dataset_protocol_needs_consistent_ids_per_image_does_not():
     """Per-image matching forgives a per-image permutation of ids; the dataset protocol (one
     matching after clustering embeddings) only scores what the embeddings make consistent."""
     samples = _colour_samples(6)
-    acc = V._Acc(SegmentationScorer(3, "per_image"))
+    acc = scoring._Acc(SegmentationScorer(3, "per_image"))
     for i, s in enumerate(samples):
         pred = torch.where(s.labels < 0, torch.zeros_like(s.labels), s.labels)
         pred = (pred + i) % 3  # a different id permutation per image
@@ -196,10 +198,10 @@ def test_dataset_protocol_needs_consistent_ids_per_image_does_not():
             emb[p, (p - i) % 3] = 1.0
         acc.embeds.append(emb)
     assert acc.per_image.compute()["miou"] == pytest.approx(1.0)
-    assert V._dataset_scores(acc, 3, seed=0)["miou"] == pytest.approx(1.0)
+    assert scoring._dataset_scores(acc, 3, seed=0)["miou"] == pytest.approx(1.0)
     # uninformative (identical) embeddings put every segment in one cluster: far from perfect
     acc.embeds = [torch.zeros(3, 3) for _ in samples]
-    assert V._dataset_scores(acc, 3, seed=0)["miou"] < 0.7
+    assert scoring._dataset_scores(acc, 3, seed=0)["miou"] < 0.7
 
 
 def test_segment_features_are_area_weighted_cell_means():
@@ -251,7 +253,7 @@ def test_evaluate_all_methods_smoke(backend):
     progress = Progress(on_update=lambda d, t: updates.append((d, t)))
     seen = []
     ev = V.evaluate(ds, list(V.METHODS), backend, num_classes=ds.num_classes,
-                    emerdiff=V.EmerDiffOptions(clusters=3), progress=progress,
+                    emerdiff=V.emerdiff_settings(backend, SIZE, clusters=3), progress=progress,
                     on_image=lambda s, labels: seen.append(sorted(labels)))
     assert [r["method"] for r in ev.rows] == list(V.METHODS)
     assert updates[-1] == (2 * len(V.METHODS), 2 * len(V.METHODS))
@@ -379,7 +381,7 @@ def test_write_calibration_round_trip(fixture_dir, tmp_path):
     import argparse
     args = argparse.Namespace(tau=None, tau_quantile=None, timestep=300, iterations=3,
                               anchors=16, mode="fast", refine="none")
-    s = cli._default_settings(b, args)
+    s = DiffSegSettings.for_model(b, **cli.diffseg_overrides(args))
     assert s.tau is None and s.tau_quantile == 0.25
     assert V.diffseg_settings(b).tau_quantile == 0.25
     with pytest.raises(EmergentSegError, match="not a model folder"):
@@ -400,11 +402,15 @@ def test_calibrate_command(fixture_dir, tmp_path, capsys):
 
 def test_mapper_steps_follow_the_quality_presets():
     from emergent_seg.core import emerdiff
-    assert V.mapper_steps("fast") == emerdiff.preset("fast")
-    assert V.mapper_steps("faithful") == V.mapper_steps("paper") == emerdiff.preset("faithful")
-    assert V.mapper_steps(3) == V.mapper_steps("3") == {"steps": 3, "difference": "symmetric"}
+
+    def steps(**kw):
+        s = V.emerdiff_settings(None, 512, **kw)
+        return {"steps": s.denoise_steps, "difference": s.difference_mode}
+    assert steps(quality="fast") == emerdiff.preset("fast")
+    assert steps(quality="faithful") == emerdiff.preset("faithful")
+    assert steps(steps=3) == steps(quality="fast", steps=3) == {"steps": 3, "difference": "symmetric"}
     with pytest.raises(EmergentSegError, match="unknown quality"):
-        V.mapper_steps("slow")
+        steps(quality="paper")   # one vocabulary: the presets' names only
 
 
 def test_cli_eval_on_a_coco_folder_with_the_small_model(default_model, tmp_path):

@@ -187,6 +187,7 @@ def test_lowres_kmeans_node(sd15, image):
     site = seg.info["site"]
     assert site in info and f"{seg.info['grid'][0]}x{seg.info['grid'][1]} grid" in info
     assert seg.info["summary"] == info and seg.info["layer"] == 0 and seg.method == "emerdiff-kmeans"
+    assert seg.lowres_layer == 0      # the typed field the mapper reads
     assert torch.equal(seg.labels, E.upsample_labels(seg.lowres, (SIZE, SIZE)))
     again, _ = kmeans(sd15, image=image, clusters=3, rng_seed=5)
     assert torch.equal(again.labels, seg.labels)
@@ -207,7 +208,7 @@ def test_lowres_kmeans_grid_choice_is_reported(sd15, image):
     assert seg8.lowres.shape[-2:] == (8, 8) and "8x8 grid, nearest to the requested 6x6" in info8
     assert seg8.info["site"] != seg.info["site"]
     layer1, info1 = kmeans(sd15, image=image, clusters=2, layer=1)
-    assert "attentions.1" in layer1.info["site"] and layer1.info["layer"] == 1
+    assert "attentions.1" in layer1.info["site"] and layer1.info["layer"] == 1 and layer1.lowres_layer == 1
 
 
 def test_auto_grid_is_one_32nd_of_the_image_and_any_size_works(sd15):
@@ -356,7 +357,7 @@ def test_bad_inputs_in_one_sentence(sd15, image):
         (lambda: kmeans(sd15, image=image, layer=5), "layer 5 does not exist"),
         (lambda: kmeans(_no_decoder_cross_attention(), image=image, clusters=2),
          "no cross-attention layers in its decoder"),
-        (lambda: mapper(sd15, seg, image=image, lam=0.0), "lambda must not be 0"),
+        (lambda: mapper(sd15, seg, image=image, lam=0.0), "lambda must be non-zero"),
         (lambda: mapper(sd15, seg, image=image[:, :64]), "segmentation is 128x128 but the image is 128x64"),
         (lambda: mapper(sd15, seg, image=torch.cat([image, image[:1]])), "2 images but 3"),
         (lambda: mapper(sd15, torch.zeros(1, SIZE, SIZE)), "Low-Res KMeans"),

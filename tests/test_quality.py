@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 
-from emergent_seg.core import evaluate as V
+from emergent_seg import evaluation as V
 
 DIFFSEG_SCENES = 32  # DiffSeg, random weights, colour k-means
 MAPPER_SCENES = 24   # the mapper against nearest / bilinear upsampling

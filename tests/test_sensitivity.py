@@ -270,7 +270,7 @@ SCORE_BUGS = ["drop-finest-resolution", "transposed-aggregate", "swapped-query-k
 
 @pytest.mark.parametrize("bug", SCORE_BUGS)
 def test_bugs_move_the_score(bug, trained, monkeypatch):
-    from emergent_seg.core.evaluate import diffseg_settings
+    from emergent_seg.evaluation import diffseg_settings
 
     scenes = make_scenes(8, EVAL_SEED + 500, SIZE)
     settings = diffseg_settings(trained)
