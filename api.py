@@ -7,6 +7,7 @@ segments for the same image and options. Options left out take the model's defau
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,28 @@ def segment_image(backend: Backend, image: torch.Tensor, cond: Conditioning | No
     return seg
 
 
+def fit_to_memory(backend: Backend, image: torch.Tensor, max_memory_gb: float,
+                  parity: bool = False) -> tuple[torch.Tensor, str | None]:
+    """``image`` ``[3,H,W]``, downscaled (aspect kept, sides on the model's grid) when DiffSeg's
+    attention at its size would exceed ``max_memory_gb`` (0 = no limit); the second value is the
+    warning to show, or ``None``."""
+    from .core.images import attention_bytes, fit_memory
+
+    if max_memory_gb < 0:
+        raise EmergentSegError(f"max memory must be >= 0 GB (0 = no limit), got {max_memory_gb:g}")
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    h, w = fit_memory(backend, height, width, int(max_memory_gb * 1024 ** 3), parity)
+    if (h, w) == (height, width):
+        return image, None
+    need = attention_bytes(backend, height, width, parity) / 1024 ** 3
+    note = (f"running at {w}x{h} instead of {width}x{height}: the attention there would need about "
+            f"{need:.3g} GB, over the {max_memory_gb:.3g} GB limit (--max-memory / max_memory_gb); "
+            "results are still at the image's size")
+    small = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
+                                            antialias=True)[0].clamp(0, 1)
+    return small, note
+
+
 def labels_at(seg: Segmentation, height: int, width: int) -> torch.Tensor:
     """The first image's labels ``[H, W]`` int64, resized nearest when the model ran at another size."""
     labels = seg.labels[0]
@@ -130,7 +153,8 @@ def labels_at(seg: Segmentation, height: int, width: int) -> torch.Tensor:
 
 def segment(image: Any, model: str | Path | Backend | None = None, *, method: str = "diffseg",
             refine: str = "none", prompt: str = "", size: str | int = "auto", seed: int = 0,
-            device: str | None = None, progress: Progress | None = None, **options: Any) -> SegmentResult:
+            max_memory_gb: float = 8.0, device: str | None = None, progress: Progress | None = None,
+            **options: Any) -> SegmentResult:
     """Segment one image with a diffusion model.
 
     Args:
@@ -143,6 +167,8 @@ def segment(image: Any, model: str | Path | Backend | None = None, *, method: st
         size: ``"auto"`` (the whole image at the model's native area), ``"keep"``, a side such as
             ``512`` (centre-crop square) or ``"768x512"``; results are at the input's own size for
             ``auto``/``keep``, else at the cropped size.
+        max_memory_gb: when DiffSeg's attention at the processing size would need more, the image
+            is run smaller (with a warning) instead of exhausting memory; 0 = no limit.
         options: DiffSeg settings (``tau``, ``tau_quantile``, ``timestep``, ``iterations``,
             ``anchors_per_side``, ``mode``) and EmerDiff settings (``clusters``, ``quality``,
             ``sigma``, ``lam``, ``t_m``, ...); see ``core/settings.py``.
@@ -162,12 +188,15 @@ def segment(image: Any, model: str | Path | Backend | None = None, *, method: st
     backend = model if model is not None and not isinstance(model, (str, Path)) else load_backend(
         None if model is None else str(model), device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fitted = fit_image(picture, size, backend.size_multiple(), native_side(backend))
+    run_at, note = fit_to_memory(backend, fitted, max_memory_gb, diffseg_options.get("mode") == "parity")
+    if note:
+        warnings.warn(note, stacklevel=2)
     cond = backend.encode_prompt(prompt) if prompt else None
     from .core.pipeline import image_side
 
-    seg = segment_image(backend, fitted.unsqueeze(0), cond, method=method, refine=refine,
+    seg = segment_image(backend, run_at.unsqueeze(0), cond, method=method, refine=refine,
                         diffseg=DiffSegSettings.for_model(backend, **diffseg_options),
-                        emerdiff=EmerDiffSettings.for_model(backend, image_side(fitted), **emerdiff_options),
+                        emerdiff=EmerDiffSettings.for_model(backend, image_side(run_at), **emerdiff_options),
                         seed=seed, progress=progress)
     target = picture if str(size).lower() in ("auto", "keep") else fitted
     height, width = int(target.shape[-2]), int(target.shape[-1])

@@ -46,6 +46,9 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
                    help="EmerDiff mapper smoothing in pixels of the processed image (default: the model's "
                         "stored value, else 4 px at 512 px)")
     p.add_argument("--seed", type=int, default=0, help="seed for k-means and noise")
+    p.add_argument("--max-memory", type=float, default=8.0,
+                   help="GB DiffSeg's attention may take; a larger processing size is scaled down with a "
+                        "warning instead of running out of memory (default 8, 0 = no limit)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -131,6 +134,8 @@ def check_segment_args(args: argparse.Namespace) -> None:
     from .api import check_method
 
     check_method(args.method, args.refine)
+    if not args.max_memory >= 0:
+        raise EmergentSegError(f"--max-memory must be >= 0 GB (0 = no limit), got {args.max_memory:g}")
     if args.model:
         check_model_path(args.model)
     parse_size(args.size)
@@ -163,6 +168,7 @@ def prepare_output_folder(out: Path) -> None:
 
 
 def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
+    from .api import fit_to_memory
     from .core.backends.loading import load_backend
     from .core.images import fit_image, native_side, read_image
 
@@ -183,7 +189,11 @@ def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
     for stem, source in sources:
         original = read_image(source) if not isinstance(source, torch.Tensor) else source
         image = fit_image(original, args.size, backend.size_multiple(), native)
-        seg = _segment_one(backend, image.unsqueeze(0), cond, args, bar())
+        run_at, note = fit_to_memory(backend, image, args.max_memory, args.mode == "parity")
+        if note:
+            print(f"warning: {stem}: {note}", file=sys.stderr)
+        seg = _segment_one(backend, run_at.unsqueeze(0), cond, args, bar())
+        del run_at
         # auto/keep: masks at the photo's own resolution; fixed sizes: at the cropped size
         target = original if auto else image
         del image

@@ -137,6 +137,37 @@ def fit_image(image: torch.Tensor, size: str | int | None, multiple: int, native
                          antialias=False)[0]
 
 
+#: Memory the DiffSeg aggregate may take by default (bytes; ``--max-memory`` in the CLI).
+DEFAULT_MEMORY_BUDGET = 8 * 1024 ** 3
+#: The aggregate is ``[N, N]`` for the N tokens of the finest self-attention grid; at its peak the
+#: merge holds about this many buffers of that size (the aggregate, its log, one product).
+AGGREGATE_BUFFERS = 3
+
+
+def attention_bytes(backend: object, height: int, width: int, parity: bool = False) -> int:
+    """Estimated peak bytes of DiffSeg's attention aggregate for an image run at ``height x width``:
+    it grows with the square of the pixel count, so this is what runs out first."""
+    sites = [s for s in backend.sites() if s.kind == "self"]  # type: ignore[attr-defined]
+    cell = int(getattr(backend, "latent_scale", 8)) * (min(s.stride for s in sites) if sites else 1)
+    tokens = max(1, height // cell) * max(1, width // cell)
+    return AGGREGATE_BUFFERS * tokens * tokens * (8 if parity else 4)
+
+
+def fit_memory(backend: object, height: int, width: int, budget: int = DEFAULT_MEMORY_BUDGET,
+               parity: bool = False) -> tuple[int, int]:
+    """``(height, width)`` when :func:`attention_bytes` fits ``budget``, else the largest size with
+    the same aspect (sides multiples of the model's step) that does."""
+    need = attention_bytes(backend, height, width, parity)
+    if budget <= 0 or need <= budget:
+        return height, width
+    m = backend.size_multiple()  # type: ignore[attr-defined]
+    scale = (budget / need) ** 0.25          # bytes grow with the fourth power of the side
+    h, w = max(m, int(height * scale) // m * m), max(m, int(width * scale) // m * m)
+    while (h > m or w > m) and attention_bytes(backend, h, w, parity) > budget:
+        h, w = max(m, h - m), max(m, w - m)
+    return h, w
+
+
 def save_png(array: torch.Tensor | np.ndarray, path: str | Path) -> None:
     """Save ``[H,W]`` (grey/labels as uint8) or ``[H,W,3]`` float in [0,1] or uint8 as PNG.
 

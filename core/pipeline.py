@@ -85,7 +85,9 @@ def segment_diffseg(backend: Backend, images: torch.Tensor, cond: Conditioning |
     results = []
     for i in range(images.shape[0]):
         one_cond = None if cond is None else cond.expand(images.shape[0]).select([i])
-        cap = capture(backend, images[i:i + 1], one_cond, settings, progress=progress)
+        # with a prompt, cross-attention is kept too so segments are named after its words
+        cap = capture(backend, images[i:i + 1], one_cond, settings, cross=bool(one_cond and one_cond.tokens),
+                      progress=progress)
         results.append(merge(cap, settings, progress=progress))
     return concat(results)
 

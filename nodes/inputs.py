@@ -7,6 +7,7 @@ imported only when a node runs inside the host.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -55,8 +56,18 @@ def stack_images(image: Any) -> torch.Tensor:
 def processing_size(backend: Any, height: int, width: int) -> tuple[int, int]:
     """The size an image is run at: its own when both sides are multiples of the model's size
     step (64 for SD1.x/SD2.x), else the nearest multiples (each side rounded, at least one step).
-    Results always come back at the image's own size."""
-    return nearest_fit(height, width, backend.size_multiple())
+    Results always come back at the image's own size. An image so large that DiffSeg's attention
+    would pass ``core.images.DEFAULT_MEMORY_BUDGET`` runs smaller, with a warning in the log."""
+    from ..core.images import DEFAULT_MEMORY_BUDGET, fit_memory
+
+    h, w = nearest_fit(height, width, backend.size_multiple())
+    fh, fw = fit_memory(backend, h, w)
+    if (fh, fw) != (h, w):
+        logging.getLogger("emergent_seg").warning(
+            "emergent-seg: a %dx%d image is run at %dx%d: its attention would need more than %d GB; "
+            "the segments still come back at the image's size", width, height, fw, fh,
+            DEFAULT_MEMORY_BUDGET // 1024 ** 3)
+    return fh, fw
 
 
 def latent_hw(backend: Any, height: int, width: int) -> tuple[int, int]:

@@ -3,6 +3,7 @@ bad options refused before any model work."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import emergent_seg
 from emergent_seg import api
 from emergent_seg.core.backends.loading import load_backend
 from emergent_seg.core.errors import EmergentSegError
+
+CAT = str(Path(__file__).resolve().parents[1] / "fixture" / "photos" / "cat.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +92,50 @@ def test_segment_returns_everything_at_the_images_own_size(backend):
 def test_segment_with_a_fixed_size_returns_the_cropped_size(backend):
     result = emergent_seg.segment(torch.rand(3, 100, 300), backend, size=128)
     assert result.labels.shape == (128, 128) and result.overlay.shape == (128, 128, 3)
+
+
+def test_a_size_over_the_memory_budget_runs_smaller_with_a_warning(backend):
+    from emergent_seg.core.images import attention_bytes, fit_memory
+
+    need = attention_bytes(backend, 512, 768)
+    assert attention_bytes(backend, 1024, 1536) == 16 * need           # the square of the pixel count
+    h, w = fit_memory(backend, 512, 768, budget=need // 10)
+    assert (h, w) < (512, 768) and h % 64 == 0 and w % 64 == 0
+    assert attention_bytes(backend, h, w) <= need // 10
+    assert fit_memory(backend, 512, 768, budget=need) == (512, 768)
+    assert fit_memory(backend, 512, 768, budget=0) == (512, 768)       # 0 = no limit
+    image = torch.rand(3, 128, 192)
+    budget_gb = attention_bytes(backend, 64, 128) / 1024 ** 3
+    with pytest.warns(UserWarning, match="instead of 192x128") as caught:
+        result = emergent_seg.segment(image, backend, size="keep", max_memory_gb=budget_gb)
+    assert "\n" not in str(caught[0].message)
+    assert result.labels.shape == (128, 192)                           # still the image's size
+    h, w = result.segmentation.size
+    assert h < 128 and w < 192 and h % 64 == 0 and w % 64 == 0
+    assert attention_bytes(backend, h, w) <= budget_gb * 1024 ** 3
+
+
+def test_cli_warns_and_downscales_past_max_memory(backend, tmp_path, capsys):
+    from PIL import Image
+
+    from emergent_seg import cli
+    from emergent_seg.core.images import attention_bytes
+
+    path = tmp_path / "wide.png"
+    Image.fromarray((np.random.default_rng(0).random((128, 192, 3)) * 255).astype(np.uint8)).save(path)
+    budget_gb = attention_bytes(backend, 64, 128) / 1024 ** 3
+    assert cli.main(["segment", str(path), "--size", "keep", "--max-memory", repr(budget_gb), "--out",
+                     str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: wide: running at " in err and "instead of 192x128" in err and err.count("\n") == 1
+    assert np.asarray(Image.open(tmp_path / "out" / "wide_labels.png")).shape == (128, 192)
+    assert cli.main(["segment", str(path), "--max-memory", "-1", "--out", str(tmp_path / "o2")]) == 2
+    assert "--max-memory must be >= 0" in capsys.readouterr().err
+
+
+def test_a_prompt_names_the_segments_after_its_words(backend):
+    result = emergent_seg.segment(CAT, backend, prompt="a cat on grass")
+    assert len(result.words) == result.count >= 1
+    assert set(result.words) <= {"cat", "grass"} and any(w is not None for w in result.words)
+    plain = emergent_seg.segment(CAT, backend)
+    assert plain.words == (None,) * plain.count

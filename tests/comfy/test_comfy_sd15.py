@@ -82,3 +82,47 @@ def test_ksampler_is_bit_identical_after_our_nodes(checkpoint):
     mask_node.run(seg, "largest:1")
     after = sample()
     assert torch.equal(before, after)
+
+
+def photo(height=700, width=1000):
+    """A 1000x700 'photo': a red left part, a green right part, a little texture."""
+    img = torch.rand(1, height, width, 3, generator=torch.Generator().manual_seed(0)) * 0.1
+    img[:, :, : width // 3] += torch.tensor([0.8, 0.05, 0.05])
+    img[:, :, width // 3:] += torch.tensor([0.05, 0.7, 0.1])
+    return img.clamp(0, 1)
+
+
+def test_a_1000x700_image_needs_no_image_scale_node(checkpoint):
+    model, clip, vae = checkpoint
+    image = photo()
+    cap = capture_node.run(model, image=image, vae=vae, clip=clip, levels="32").outputs[0]
+    assert cap.image_size == (700, 1000)
+    seg = kl_node.run(cap).outputs[0]
+    assert seg.labels.shape == (1, 700, 1000)
+    union, per_segment, overlay = mask_node.run(seg, "all", image=image).outputs
+    assert union.shape == (1, 700, 1000) and union.dtype == torch.float32
+    assert per_segment.shape == (seg.counts[0], 700, 1000) and overlay.shape == (1, 700, 1000, 3)
+    assert torch.equal(per_segment.sum(0), torch.ones(700, 1000))          # a partition of the image
+
+
+def test_the_cli_gives_1000x700_outputs_for_a_1000x700_jpeg_with_an_sd15_single_file(checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("transformers", reason="the [sd] extra (transformers) is needed for SD's CLIP")
+    path = tmp_path / "photo.jpg"
+    Image.fromarray((photo()[0].numpy() * 255).astype(np.uint8)).save(path, quality=95)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "emergent_seg", "segment", str(path), "--model",
+                          cs.SD15_CHECKPOINT, "--out", str(out), "--quiet", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    labels = np.asarray(Image.open(out / "photo_labels.png"))
+    assert labels.shape == (700, 1000)
+    masks = sorted(out.glob("photo_seg*.png"))
+    assert len(masks) == int(labels.max()) + 1
+    assert all(np.asarray(Image.open(m)).shape == (700, 1000) for m in masks)
+    assert np.asarray(Image.open(out / "photo_overlay.png")).shape == (700, 1000, 3)
