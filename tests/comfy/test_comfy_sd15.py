@@ -95,8 +95,9 @@ def photo(height=700, width=1000):
 def test_a_1000x700_image_needs_no_image_scale_node(checkpoint):
     model, clip, vae = checkpoint
     image = photo()
-    cap = capture_node.run(model, image=image, vae=vae, clip=clip, levels="32").outputs[0]
-    assert cap.image_size == (700, 1000)
+    # run at 704x1024 (the nearest multiples of 64): its 1/16 grid is 44x64
+    cap = capture_node.run(model, image=image, vae=vae, clip=clip, levels="44x64").outputs[0]
+    assert cap.image_size == (700, 1000) and cap.grid == (44, 64)
     seg = kl_node.run(cap).outputs[0]
     assert seg.labels.shape == (1, 700, 1000)
     union, per_segment, overlay = mask_node.run(seg, "all", image=image).outputs
