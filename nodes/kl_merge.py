@@ -21,7 +21,7 @@ SPEC = NodeSpec(
         Input("attention", ATTENTION, "Output of Capture Attention."),
         Input("tau", FLOAT, "KL threshold for merging. Lower = more, smaller segments. The paper uses "
               "1.1 (COCO) and 0.9 (Cityscapes) for SD1.x; other models need their own (the embedded "
-              "256 px test model was calibrated at 0.0976).", default=DEFAULT_TAU, min=0.01, max=10.0, step=0.01),
+              "256 px test model was calibrated at 0.11).", default=DEFAULT_TAU, min=0.01, max=10.0, step=0.01),
         Input("anchors_per_side", INT, "Anchor points per side of the attention grid (16 = 256 "
               "anchors, the paper's setting). More anchors can find smaller objects.", default=16,
               min=1, max=64, step=1),

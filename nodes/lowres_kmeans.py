@@ -38,7 +38,7 @@ SPEC = NodeSpec(
               optional=True),
         Input("clusters", INT, "K, the number of k-means segments per image. The paper finds 10-40 "
               "work about equally well on SD; at most the number of cells of the grid (256 for "
-              "16x16). Small grids need small K (the embedded model's 8x8 grid was calibrated at 3).",
+              "16x16). Small grids need small K (the embedded model's 8x8 grid was calibrated at 4).",
               default=E.DEFAULT_K, min=2, max=4096, step=1),
         Input("timestep", INT, "t_f, the noise level of the feature pass (0-999). EmerDiff uses 1; "
               "larger values give worse segments.", default=E.PAPER_T_F, min=0, max=999, step=1),

@@ -63,7 +63,7 @@ SPEC = NodeSpec(
               "281; 281-481 work best.", default=E.PAPER_T_M, min=1, max=999, step=1),
         Input("sigma", FLOAT, "Gaussian blur (pixels) of the difference maps before each pixel picks "
               "its segment; removes blocky cell edges. 0 = off. 4 px suits SD at 512 px; larger values "
-              "trade boundary detail for less noise (the embedded test model needed 24 px at 256).", default=E.DEFAULT_SIGMA, min=0.0,
+              "trade boundary detail for less noise (the embedded test model needed 16 px at 256).", default=E.DEFAULT_SIGMA, min=0.0,
               max=64.0, step=0.5),
         Input("inject", COMBO, "Which attention maps of the modulated runs are replaced by the "
               "unmodulated run's (keeps fine structure): all (default), self, cross, or none.",
