@@ -1,70 +1,204 @@
-"""Capture overhead on a full-size SD1.5-shaped UNet with random weights (compute cost does not
-depend on weight values).
+"""Capture overhead on full-size SD1.5- and SDXL-shaped UNets with random weights (compute cost
+does not depend on weight values).
 
-Prints, from one run: plain UNet forward time (diffusers' default SDPA attention), the same forward
-with DiffSeg capture on all 16 self-attention layers, their ratio, and the peak extra memory of
-the capture over the plain forward (process max-RSS delta; the plain forward runs first so its
-own peak is already counted).
+Prints, from one run and per size: the plain UNet forward (diffusers' default SDPA attention),
+the DiffSeg capture pass (every self-attention layer folded into the aggregate), the previous
+capture formulation (all heads of a query chunk, then a head-sum pass) for comparison, their
+ratios to the plain forward, the peak extra memory of the capture, and the machine load. With
+``--profile`` it also breaks the capture's extra time down by attention resolution: the host's
+fused attention, the explicit attention with the head mean, and the fold of coarse levels.
 
-    python benchmarks/bench_capture.py --sizes 256 512 --repeats 2
+    python benchmarks/bench_capture.py --model sd15 --sizes 512
+    python benchmarks/bench_capture.py --model sdxl --sizes 1024 --profile
 """
 from __future__ import annotations
 
 import argparse
-import resource
+import os
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
-from emergent_seg.core.backend import Conditioning
+import torch.nn.functional as F
+from emergent_seg.core import capture as capture_module
+from emergent_seg.core.attention import explicit_attention, merge_heads, split_heads
+from emergent_seg.core.backend import Conditioning, PassHooks
 from emergent_seg.core.backends.diffusers import DiffusersBackend
 from emergent_seg.core.capture import capture_attention
 
+SD15_UNET = Path(__file__).resolve().parents[1] / "core" / "configs" / "sd15" / "unet"
+# SDXL base UNet: no attention at 128x128, 2 transformer layers per block at 64x64, 10 at 32x32.
+SDXL_OVERRIDES = dict(
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+    transformer_layers_per_block=[1, 2, 10], use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=128)
 
-def sd15_unet() -> torch.nn.Module:
+
+def build_backend(model: str) -> tuple[DiffusersBackend, Conditioning]:
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(
-        str(Path(__file__).resolve().parents[1] / "core" / "configs" / "sd15" / "unet"))
+    config = dict(UNet2DConditionModel.load_config(str(SD15_UNET)))
+    g = torch.Generator().manual_seed(1)
+    if model == "sdxl":
+        config.update(SDXL_OVERRIDES)
+        cond = Conditioning(torch.randn(1, 77, 2048, generator=g), extra={"text_embeds": torch.randn(1, 1280, generator=g)})
+    else:
+        cond = Conditioning(torch.randn(1, 77, 768, generator=g))
     torch.manual_seed(0)
-    return UNet2DConditionModel.from_config(config).eval()
+    unet = UNet2DConditionModel.from_config(config).eval()
+    backend = DiffusersBackend(unet, encode_prompt=lambda p: cond)
+    backend.latent_scale = 8  # SD's VAE factor; the benchmark feeds latents directly
+    return backend, cond
 
 
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def previous_head_mean(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, target: torch.Tensor,
+                       weight: float = 1.0, budget_bytes: int = capture_module.DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """The capture's attention before the per-head formulation: every head of a query chunk at
+    once (``budget_bytes`` for all of them), summed over heads into a scratch, then added."""
+    def fold(start: int, probs: torch.Tensor) -> None:
+        target[:, start:start + probs.shape[2]].add_(probs.sum(dim=1), alpha=weight / heads)
+    return explicit_attention(q, k, v, heads, on_chunk=fold, budget_bytes=budget_bytes)
+
+
+class Timer:
+    """Seconds spent per (label, stride), summed over a pass."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple[str, int], list[float]] = {}
+
+    def wrap(self, label: str, fn: Callable, stride_of: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds.setdefault((label, stride_of(*args)), []).append(time.perf_counter() - start)
+            return out
+        return timed
+
+
+def sdpa(site, q, k, v):
+    h = site.heads
+    return merge_heads(F.scaled_dot_product_attention(split_heads(q, h), split_heads(k, h), split_heads(v, h)))
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every 2 ms from /proc (large
+    tensors are mmap-backed, so memory freed by an earlier pass does not hide a later peak)."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_size(backend: DiffusersBackend, cond: Conditioning, size: int, repeats: int, profile: bool) -> None:
+    latent = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([300])
+    self_sites = [s for s in backend.sites() if s.kind == "self"]
+    backend.predict_noise(latent, t, cond)  # warm-up
+    current = capture_module.attention_with_head_mean
+    times: dict[str, list[float]] = {"plain": [], "capture": [], "previous": []}
+    peaks: dict[str, float] = {"plain": 0.0, "capture": 0.0, "previous": 0.0}
+
+    def timed(label: str, fn: Callable[[], object]) -> None:
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            result = fn()
+            times[label].append(time.perf_counter() - start)
+            del result
+        peaks[label] = max(peaks[label], memory.extra_mb)
+
+    for _ in range(repeats):
+        timed("plain", lambda: backend.predict_noise(latent, t, cond))
+        timed("capture", lambda: capture_attention(backend, latent, cond))
+        capture_module.attention_with_head_mean = previous_head_mean
+        try:
+            timed("previous", lambda: capture_attention(backend, latent, cond))
+        finally:
+            capture_module.attention_with_head_mean = current
+    plain, captured, previous = (min(times[k]) for k in ("plain", "capture", "previous"))
+    top_h, top_w = min(self_sites, key=lambda s: s.stride).grid(tuple(latent.shape[-2:]))
+    agg_mb = (top_h * top_w) ** 2 * 4 / 2**20
+    print(f"{size}px: plain forward {plain:.2f}s | capture {captured:.2f}s = {captured / plain:.3f}x | "
+          f"previous capture {previous:.2f}s = {previous / plain:.3f}x", flush=True)
+    print(f"  peak memory above the start of the pass: plain {peaks['plain']:.0f} MB, capture "
+          f"{peaks['capture']:.0f} MB, previous capture {peaks['previous']:.0f} MB (the returned "
+          f"aggregate is {agg_mb:.0f} MB)", flush=True)
+    if profile:
+        print_profile(backend, cond, latent, t, self_sites, current)
+
+
+def print_profile(backend, cond, latent, t, self_sites, current) -> None:
+    """Per resolution: the host's attention, the capture's attention (current and previous), the
+    coarse-level fold; each summed over the layers of that resolution in one pass."""
+    timer = Timer()
+    backend.predict_noise(latent, t, cond, PassHooks({s.key: timer.wrap("sdpa", sdpa, lambda site, *a: site.stride)
+                                                      for s in self_sites}))
+    stride_of_hw = {}
+    for s in self_sites:
+        stride_of_hw[s.grid(tuple(latent.shape[-2:]))[0] * s.grid(tuple(latent.shape[-2:]))[1]] = s.stride
+    fold = capture_module._fold_level
+    try:
+        for label, fn in (("capture", current), ("previous", previous_head_mean)):
+            capture_module.attention_with_head_mean = timer.wrap(label, fn, lambda q, *a: stride_of_hw.get(q.shape[1], 0))
+            capture_module._fold_level = timer.wrap(f"fold ({label})", fold, lambda *a: 0)
+            capture_attention(backend, latent, cond)
+    finally:
+        capture_module.attention_with_head_mean, capture_module._fold_level = current, fold
+    grids = {s.stride: s.grid(tuple(latent.shape[-2:])) for s in self_sites}
+    for stride in sorted(grids):
+        host = sum(timer.seconds.get(("sdpa", stride), [0.0]))
+        n = len(timer.seconds.get(("sdpa", stride), []))
+        cur = sum(timer.seconds.get(("capture", stride), [0.0]))
+        prev = sum(timer.seconds.get(("previous", stride), [0.0]))
+        gh, gw = grids[stride]
+        print(f"  {gh}x{gw} ({gh * gw} tokens) x{n} layers: host SDPA {host:.2f}s, capture attention "
+              f"{cur:.2f}s (+{cur - host:.2f}s), previous {prev:.2f}s (+{prev - host:.2f}s)")
+    for label in ("capture", "previous"):
+        print(f"  fold of coarse levels into the aggregate ({label}): "
+              f"{sum(timer.seconds.get((f'fold ({label})', 0), [0.0])):.2f}s")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["sd15", "sdxl"], default="sd15",
+                        help="UNet shape: SD1.5 (860 M parameters) or SDXL base (2.57 B)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="image sides in pixels (default: 512 for sd15, 1024 for sdxl)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats per size (the minimum is kept)")
+    parser.add_argument("--profile", action="store_true", help="also print the per-resolution breakdown")
     args = parser.parse_args()
-    unet = sd15_unet()
-    cond = Conditioning(torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)))
-    backend = DiffusersBackend(unet, encode_prompt=lambda p: cond)
-    backend.latent_scale = 8  # SD's VAE factor; the benchmark feeds latents directly
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, UNet "
-          f"{sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M parameters (random weights)")
-    for size in args.sizes:
-        latent = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
-        t = torch.tensor([300])
-        plain_times, capture_times = [], []
-        backend.predict_noise(latent, t, cond)  # warm-up
-        rss_plain = max_rss_mb()
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            backend.predict_noise(latent, t, cond)
-            plain_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            cap = capture_attention(backend, latent, cond)
-            capture_times.append(time.perf_counter() - start)
-            del cap
-        rss_capture = max_rss_mb()
-        plain, captured = min(plain_times), min(capture_times)
-        agg_mb = (size // 8) ** 4 * 4 / 2**20
-        print(f"{size}px: plain forward {plain:.2f}s, capture forward {captured:.2f}s, "
-              f"overhead ratio {captured / plain:.3f}x; peak extra memory {rss_capture - rss_plain:.0f} MB "
-              f"(of which the returned aggregate {agg_mb:.0f} MB)")
+    sizes = args.sizes or ([1024] if args.model == "sdxl" else [512])
+    backend, cond = build_backend(args.model)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} UNet "
+          f"{sum(p.numel() for p in backend.unet.parameters()) / 1e6:.0f} M parameters (random weights), "
+          f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    for size in sizes:
+        run_size(backend, cond, size, args.repeats, args.profile)
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,13 @@
 Optimised kernels (SDPA, xformers) never form the probability matrix, so capture sites compute
 attention here. Probabilities are produced one query chunk at a time, so one layer never holds
 ``heads x Nq x Nk`` floats at once; a caller folds each chunk into what it needs and drops it.
+
+Two shapes of the same maths:
+- :func:`explicit_attention` hands every chunk of all heads ``[B, heads, c, Nk]`` to a callback
+  (attention injection, tests, anything that needs the heads side by side);
+- :func:`attention_with_head_mean` is what DiffSeg's capture needs, faster: one head and one
+  larger query chunk at a time, each head added straight into the running head mean, so
+  there is no head-sum pass and the matrix products run on taller blocks.
 """
 from __future__ import annotations
 
@@ -77,14 +84,40 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     return merge_heads(out.view(b, heads, nq, -1)).to(q.dtype)
 
 
-def fold_head_mean(probs: torch.Tensor, target: torch.Tensor, weight: float = 1.0,
-                   scratch: torch.Tensor | None = None) -> None:
-    """``target += weight * probs.mean(heads)`` for ``probs [B, heads, c, Nk]`` and ``target
-    [B, c, Nk]`` without a temporary per call when ``scratch`` (``[B, >=c, Nk]`` float32) is given."""
-    heads, c = probs.shape[1], probs.shape[2]
-    if scratch is None:
-        summed = probs.sum(dim=1)
-    else:
-        summed = scratch[:, :c]
-        torch.sum(probs, dim=1, out=summed)
-    target.add_(summed.to(target.dtype), alpha=weight / heads)
+def attention_with_head_mean(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                             target: torch.Tensor, weight: float = 1.0,
+                             budget_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """Attention output, and ``target += weight * mean over heads of softmax(Q Kᵀ / sqrt(d))``.
+
+    Args:
+        q, k, v: ``[B, N, heads*d]`` projected tensors (any float dtype).
+        heads: number of heads.
+        target: ``[B, Nq, Nk]`` float32/float64 running sum (row = query, column = key).
+        weight: scale of this layer's head mean in ``target``.
+        budget_bytes: memory for one head's query chunk of float32 probabilities.
+
+    Returns:
+        ``[B, Nq, heads*d]`` in ``q``'s dtype, before the output projection.
+    """
+    b, nq, _ = q.shape
+    nk = k.shape[1]
+    if tuple(target.shape) != (b, nq, nk):
+        raise ValueError(f"target must be [{b}, {nq}, {nk}], got {tuple(target.shape)}")
+    # [B, heads, N, d] views; one (image, head) slice is a plain strided [N, d] matrix
+    qh, kh, vh = (split_heads(x, heads).float() for x in (q, k, v))
+    scale = qh.shape[-1] ** -0.5
+    out = torch.empty(b, heads, nq, vh.shape[-1], dtype=torch.float32, device=q.device)
+    step = max(1, min(nq, budget_bytes // max(1, nk * 4)))
+    buffer = torch.empty(step * nk, dtype=torch.float32, device=q.device)
+    alpha = weight / heads
+    for i in range(b):
+        for start in range(0, nq, step):
+            stop = min(nq, start + step)
+            probs = buffer[: (stop - start) * nk].view(stop - start, nk)
+            rows = target[i, start:stop]
+            for h in range(heads):
+                torch.addmm(probs, qh[i, h, start:stop], kh[i, h].t(), beta=0.0, alpha=scale, out=probs)
+                torch.ops.aten._softmax.out(probs, -1, False, out=probs)
+                rows.add_(probs, alpha=alpha)
+                torch.mm(probs, vh[i, h], out=out[i, h, start:stop])
+    return merge_heads(out).to(q.dtype)

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .attention import DEFAULT_CHUNK_BYTES, explicit_attention, fold_head_mean
+from .attention import DEFAULT_CHUNK_BYTES, attention_with_head_mean
 from .backend import Backend, Conditioning, PassHooks, Progress
 from .errors import EmergentSegError, UnsupportedModelError
 from .settings import DIFFSEG_TIMESTEP
@@ -167,15 +167,6 @@ class _Accumulator:
         self.seen: dict[int, int] = {}
         self.cross_sums: dict[int, torch.Tensor] = {}
         self.cross_seen: dict[int, int] = {}
-        self._scratch_buf: torch.Tensor | None = None
-
-    def scratch(self, probs: torch.Tensor) -> torch.Tensor:
-        # head-sum buffer shared by all layers (largest chunk wins), reused to avoid page faults
-        need = probs.shape[0] * probs.shape[2] * probs.shape[3]
-        buf = self._scratch_buf
-        if buf is None or buf.numel() < need:
-            buf = self._scratch_buf = torch.empty(need, dtype=torch.float32, device=probs.device)
-        return buf[:need].view(probs.shape[0], probs.shape[2], probs.shape[3])
 
     def self_hook(self, site: AttentionSite, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.progress.check()
@@ -186,17 +177,11 @@ class _Accumulator:
             raise EmergentSegError(f"attention at {site.key} has {q.shape[1]} queries for batch "
                                    f"{q.shape[0]}, expected {n} for {b}; the host split the batch")
         if site.stride == top_stride:
-            aggregate = self.aggregate
-            scale = self.level_weights[site.stride] / counts[site.stride]
-
-            def fold(start: int, probs: torch.Tensor) -> None:
-                fold_head_mean(probs, aggregate[:, start:start + probs.shape[2]], scale, self.scratch(probs))
+            target, scale = self.aggregate, self.level_weights[site.stride] / counts[site.stride]
         else:
-            buf = self.sums.setdefault(site.stride, torch.zeros(b, n, n, device=self.device))
-
-            def fold(start: int, probs: torch.Tensor) -> None:
-                fold_head_mean(probs, buf[:, start:start + probs.shape[2]], 1.0, self.scratch(probs))
-        out = explicit_attention(q, k, v, site.heads, on_chunk=fold, budget_bytes=self.budget_bytes)
+            target = self.sums.setdefault(site.stride, torch.zeros(b, n, n, device=self.device))
+            scale = 1.0
+        out = attention_with_head_mean(q, k, v, site.heads, target, scale, self.budget_bytes)
         self.seen[site.stride] = self.seen.get(site.stride, 0) + 1
         if site.stride != top_stride and self.seen[site.stride] == counts[site.stride]:
             level = self.sums.pop(site.stride) / counts[site.stride]
@@ -209,10 +194,7 @@ class _Accumulator:
         grid = site.grid(self.latent_hw)
         buf = self.cross_sums.setdefault(site.stride, torch.zeros(self.b, grid[0] * grid[1], k.shape[1],
                                                                   device=self.device))
-
-        def fold(start: int, probs: torch.Tensor) -> None:
-            fold_head_mean(probs, buf[:, start:start + probs.shape[2]])
-        out = explicit_attention(q, k, v, site.heads, on_chunk=fold, budget_bytes=self.budget_bytes)
+        out = attention_with_head_mean(q, k, v, site.heads, buf, 1.0, self.budget_bytes)
         self.cross_seen[site.stride] = self.cross_seen.get(site.stride, 0) + 1
         self.progress.advance()
         return out
@@ -242,6 +224,10 @@ def capture_attention(backend: Backend, latents: torch.Tensor, cond: Conditionin
         progress: receives one unit per captured layer and is polled for cancellation.
     """
     self_sites, cross_sites, latent_hw = _check_request(backend, latents, timestep, strides, cross)
+    if weights is not None:  # a zero-weight resolution adds nothing: run its layers unhooked
+        self_sites = [s for s in self_sites if weights.get(s.stride, None) != 0]
+        if not self_sites:
+            raise EmergentSegError("every captured resolution has weight 0; give at least one a positive weight")
     b = latents.shape[0]
     counts, top_stride, top, level_weights = _level_plan(self_sites, latent_hw, weights)
     device = latents.device

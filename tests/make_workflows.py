@@ -20,7 +20,7 @@ if __name__ == "__main__":  # make `emergent_seg` importable as conftest.py does
     sys.path.insert(0, HERE)
     import conftest  # noqa: F401
 
-from workflow_tools import Workflow  # noqa: E402
+from workflow_tools import IMPACT, NODE_TYPES, Workflow  # noqa: E402
 
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 CHECKPOINT_MODELS = {"models": [{
@@ -215,7 +215,66 @@ def diffseg_refined_by_mapper() -> Workflow:
     return wf
 
 
+def segments_to_detailer() -> Workflow:
+    wf = Workflow("segments_to_detailer", types={**NODE_TYPES, **IMPACT})
+    ckpt, _image, scale = _inputs(wf)
+    _note(wf, (0, 520), (
+        "Needs ComfyUI Impact Pack (Detailer (SEGS), SEGSPreview, SEGS to MASK).\n\n"
+        "Segments to SEGS turns DiffSeg's segments into Impact Pack SEGS: one item per selected "
+        "segment with its box, a crop region crop_factor times larger, its mask inside that "
+        "region and a label (a prompt word from Capture Attention, else 'segment N'). Here the "
+        "three largest segments go to Detailer (SEGS), which redraws each one at guide_size "
+        "from the prompt and pastes it back with a feathered mask.\n\n"
+        "Selection: indices (0, 3, 5), ranges (2-4), all, largest:2, smallest:1, words, !2 to "
+        "exclude. A Mask Output node on the same KL Merge shows the numbered overlay."),
+        size=(615, 280))
+    _capture, merge = _capture_merge(wf, ckpt, scale, 660, 0)
+    to_segs = wf.node("EmergentSegToSEGS", (660, 520),
+                      {"selection": "largest:3", "crop_factor": 3.0, "drop_size": 10, "image_index": 0},
+                      size=(400, 180))
+    wf.link(merge, "segmentation", to_segs, "segmentation")
+    wf.link(scale, "IMAGE", to_segs, "image")
+    pos = wf.node("CLIPTextEncode", (1100, 0), {"text": "highly detailed, sharp focus, intricate texture"},
+                  size=(400, 160), title="CLIP Text Encode (positive)", color="#232", bgcolor="#353")
+    wf.link(ckpt, "CLIP", pos, "clip")
+    neg = wf.node("CLIPTextEncode", (1100, 200), {"text": "blurry, low quality, watermark, text"},
+                  size=(400, 160), title="CLIP Text Encode (negative)", color="#322", bgcolor="#533")
+    wf.link(ckpt, "CLIP", neg, "clip")
+    detailer = wf.node("DetailerForEach", (1540, 0), {
+        "guide_size": 512, "guide_size_for": True, "max_size": 1024, "seed": 42,
+        "control_after_generate": "fixed", "steps": 20, "cfg": 7.0, "sampler_name": "euler",
+        "scheduler": "normal", "denoise": 0.5, "feather": 5, "noise_mask": True, "force_inpaint": True,
+        "wildcard": "", "cycle": 1, "inpaint_model": False, "noise_mask_feather": 20}, size=(400, 620))
+    wf.link(scale, "IMAGE", detailer, "image")
+    wf.link(to_segs, "segs", detailer, "segs")
+    wf.link(ckpt, "MODEL", detailer, "model")
+    wf.link(ckpt, "CLIP", detailer, "clip")
+    wf.link(ckpt, "VAE", detailer, "vae")
+    wf.link(pos, "CONDITIONING", detailer, "positive")
+    wf.link(neg, "CONDITIONING", detailer, "negative")
+    result = wf.node("PreviewImage", (1980, 0), size=(360, 400), title="Preview Image (detailed)")
+    wf.link(detailer, "IMAGE", result, "images")
+    crops = wf.node("SEGSPreview", (1100, 400), {"alpha_mode": True, "min_alpha": 0.2}, size=(400, 400))
+    wf.link(to_segs, "segs", crops, "segs")
+    combined = wf.node("SegsToCombinedMask", (1540, 680), size=(260, 30))
+    wf.link(to_segs, "segs", combined, "segs")
+    preview = wf.node("MaskPreview", (1980, 440), size=(360, 400), title="Mask Preview (detailed areas)")
+    wf.link(combined, "MASK", preview, "mask")
+    return wf
+
+
 WORKFLOWS = (diffseg_segment, emerdiff_segment, inpaint_segment, diffseg_refined_by_mapper)
+#: Workflows that need another node pack, in example_workflows/<pack>/ (ComfyUI's template menu
+#: lists only example_workflows/*.json, so they never show there for users without the pack).
+PACK_WORKFLOWS = {"impact_pack": (segments_to_detailer,)}
+
+
+def targets() -> list[tuple[str, object]]:
+    """``(path, builder)`` of every example workflow."""
+    out = [(os.path.join(OUT_DIR, b.__name__ + ".json"), b) for b in WORKFLOWS]
+    for folder, builders in PACK_WORKFLOWS.items():
+        out += [(os.path.join(OUT_DIR, folder, b.__name__ + ".json"), b) for b in builders]
+    return out
 
 
 def render(build) -> str:
@@ -225,8 +284,7 @@ def render(build) -> str:
 def main(argv: list[str]) -> int:
     check = "--check" in argv
     stale = []
-    for build in WORKFLOWS:
-        path = os.path.join(OUT_DIR, build.__name__ + ".json")
+    for path, build in targets():
         text = render(build)
         old = None
         if os.path.isfile(path):
@@ -237,7 +295,7 @@ def main(argv: list[str]) -> int:
         if check:
             stale.append(path)
         else:
-            os.makedirs(OUT_DIR, exist_ok=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
             print("wrote", os.path.relpath(path, ROOT))

@@ -167,3 +167,44 @@ def test_bad_inputs_have_clear_errors():
         capture_attention(backend, _latent(backend), strides=[16])
     with pytest.raises(UnsupportedModelError, match="UNet"):
         DiffusersBackend(torch.nn.Linear(2, 2))
+
+
+def test_head_mean_attention_matches_explicit_attention_in_chunks():
+    from emergent_seg.core.attention import attention_with_head_mean
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 37, 12, generator=g) for _ in range(3))
+    want_mean = torch.zeros(2, 37, 37)
+
+    def fold(start, probs):
+        want_mean[:, start:start + probs.shape[2]] += probs.mean(dim=1)
+    want = explicit_attention(q, k, v, heads=3, on_chunk=fold)
+    target = torch.full((2, 37, 37), 0.5)
+    # 5 query rows of one head per chunk: 8 chunks per (image, head), the last one partial
+    out = attention_with_head_mean(q, k, v, 3, target, weight=0.25, budget_bytes=37 * 4 * 5)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(target, 0.5 + 0.25 * want_mean, atol=1e-6, rtol=1e-5)
+    cross = torch.zeros(2, 37, 7)
+    attention_with_head_mean(q, k[:, :7], v[:, :7], 3, cross)
+    torch.testing.assert_close(cross.sum(-1), torch.ones(2, 37))
+    with pytest.raises(ValueError, match="target"):
+        attention_with_head_mean(q, k, v, 3, torch.zeros(2, 37, 7))
+
+
+def test_zero_weight_resolutions_are_not_captured():
+    backend = tiny_backend("sd15")
+    latent = _latent(backend)
+    strides = strides_of(backend.sites(), "self")
+    seen = []
+    real = backend.predict_noise
+
+    def spy(latents, t, cond, hooks=None):
+        seen.extend(hooks.attention)
+        return real(latents, t, cond, hooks)
+    backend.predict_noise = spy
+    weights = {s: (0.0 if s == strides[-1] else 1.0) for s in strides}
+    cap = capture_attention(backend, latent, weights=weights)
+    assert [l.stride for l in cap.levels] == strides[:-1]
+    assert {k for k in seen} == {s.key for s in select(backend.sites(), kind="self", strides=strides[:-1])}
+    torch.testing.assert_close(cap.self_attention.sum(-1), torch.full_like(cap.self_attention[..., 0], sum(weights.values())))
+    with pytest.raises(EmergentSegError, match="weight 0"):
+        capture_attention(backend, latent, weights={s: 0.0 for s in strides})

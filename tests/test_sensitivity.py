@@ -164,30 +164,34 @@ def _bug_transposed_aggregate(monkeypatch, backend):
 
 
 def _bug_swapped_qk_probs(monkeypatch, backend):
-    real = capture_mod.explicit_attention
+    real = capture_mod.attention_with_head_mean
 
-    def wrapped(q, k, v, heads, on_chunk=None, replace_probs=None, budget_bytes=capture_mod.DEFAULT_CHUNK_BYTES):
-        out = real(q, k, v, heads, replace_probs=replace_probs, budget_bytes=budget_bytes)
-        if on_chunk is not None and q.shape == k.shape:  # capture sees softmax(K Q^T): rows still sum to 1
-            real(k, q, v, heads, on_chunk=on_chunk, budget_bytes=budget_bytes)
-        elif on_chunk is not None:
-            real(q, k, v, heads, on_chunk=on_chunk, budget_bytes=budget_bytes)
+    def wrapped(q, k, v, heads, target, weight=1.0, budget_bytes=capture_mod.DEFAULT_CHUNK_BYTES):
+        out = real(q, k, v, heads, torch.zeros_like(target), weight, budget_bytes)
+        # capture sees softmax(K Q^T) for self-attention: rows still sum to 1
+        real(*((k, q) if q.shape == k.shape else (q, k)), v, heads, target, weight, budget_bytes)
         return out
-    monkeypatch.setattr(capture_mod, "explicit_attention", wrapped)
+    monkeypatch.setattr(capture_mod, "attention_with_head_mean", wrapped)
     return {}
 
 
 def _bug_one_head(monkeypatch, backend):
-    real = capture_mod.fold_head_mean
-    monkeypatch.setattr(capture_mod, "fold_head_mean",
-                        lambda probs, target, weight=1.0, scratch=None: real(probs[:, :1], target, weight, None))
+    real = capture_mod.attention_with_head_mean
+
+    def wrapped(q, k, v, heads, target, weight=1.0, budget_bytes=capture_mod.DEFAULT_CHUNK_BYTES):
+        out = real(q, k, v, heads, torch.zeros_like(target), weight, budget_bytes)
+        d = q.shape[-1] // heads
+        real(q[..., :d], k[..., :d], v[..., :d], 1, target, weight, budget_bytes)
+        return out
+    monkeypatch.setattr(capture_mod, "attention_with_head_mean", wrapped)
     return {}
 
 
 def _bug_head_sum(monkeypatch, backend):
-    real = capture_mod.fold_head_mean
-    monkeypatch.setattr(capture_mod, "fold_head_mean",
-                        lambda probs, target, weight=1.0, scratch=None: real(probs, target, weight * probs.shape[1], None))
+    real = capture_mod.attention_with_head_mean
+    monkeypatch.setattr(capture_mod, "attention_with_head_mean",
+                        lambda q, k, v, heads, target, weight=1.0, budget_bytes=capture_mod.DEFAULT_CHUNK_BYTES:
+                        real(q, k, v, heads, target, weight * heads, budget_bytes))
     return {}
 
 

@@ -12,7 +12,7 @@ import os
 import make_workflows
 import pytest
 from PIL import Image
-from workflow_tools import NODE_TYPES, OURS, Workflow, problems, ui_to_api
+from workflow_tools import IMPACT, NODE_TYPES, OURS, Workflow, problems, ui_to_api
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")
@@ -27,8 +27,30 @@ def load(name: str) -> dict:
 
 def test_the_folder_holds_exactly_the_generated_workflows():
     assert sorted(os.path.basename(f)[:-5] for f in FILES) == sorted(NAMES)
-    stray = [f for f in os.listdir(WORKFLOW_DIR) if not f.endswith((".json", ".jpg"))]
+    stray = [f for f in os.listdir(WORKFLOW_DIR)
+             if not f.endswith((".json", ".jpg")) and f not in make_workflows.PACK_WORKFLOWS]
     assert stray == []
+    for folder, builders in make_workflows.PACK_WORKFLOWS.items():
+        assert sorted(os.listdir(os.path.join(WORKFLOW_DIR, folder))) == sorted(b.__name__ + ".json" for b in builders)
+
+
+PACK_FILES = [(folder, b.__name__) for folder, builders in make_workflows.PACK_WORKFLOWS.items() for b in builders]
+
+
+@pytest.mark.parametrize("folder,name", PACK_FILES)
+def test_pack_workflow_is_valid(folder, name):
+    """Workflows for other packs (example_workflows/<pack>/) check against that pack's pinned types."""
+    with open(os.path.join(WORKFLOW_DIR, folder, name + ".json"), encoding="utf-8") as f:
+        wf = json.load(f)
+    types = {**NODE_TYPES, **IMPACT}
+    assert problems(wf, types) == []
+    used = {n["type"] for n in wf["nodes"]}
+    assert used & OURS and used & set(IMPACT) and used <= set(types)
+    prompt = ui_to_api(wf, types)
+    [segs] = [n for n in prompt.values() if n["class_type"] == "EmergentSegToSEGS"]
+    consumers = [n for n in prompt.values() if any(v == [k, 0] for k in prompt if prompt[k] is segs
+                                                   for v in n["inputs"].values())]
+    assert {n["class_type"] for n in consumers} == set(IMPACT)
 
 
 def test_files_are_what_the_node_specs_generate():

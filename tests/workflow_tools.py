@@ -153,6 +153,39 @@ CORE: dict[str, NodeType] = {t.name: t for t in (
 NODE_TYPES: dict[str, NodeType] = {**CORE, **_ours()}
 OURS = frozenset(spec.node_id for spec, _ in NODES)
 
+#: Impact Pack node types used by example_workflows/impact_pack/, pinned from ComfyUI Impact Pack
+#: 7.10's ``/object_info``; ``tests/comfy/test_impact_pack.py`` compares them with a live server.
+#: Sampler and scheduler lists vary with the installed versions, so they are not pinned.
+IMPACT: dict[str, NodeType] = {t.name: t for t in (
+    NodeType("DetailerForEach", "Detailer (SEGS)", (
+        Slot("image", "IMAGE"), Slot("segs", "SEGS"), Slot("model", "MODEL"), Slot("clip", "CLIP"),
+        Slot("vae", "VAE"),
+        _w("guide_size", "FLOAT", min=64, max=16384, default=512),
+        _w("guide_size_for", "BOOLEAN", default=True),
+        _w("max_size", "FLOAT", min=64, max=16384, default=1024),
+        _w("seed", "INT", min=0, max=SEED_MAX, default=0, extra="control_after_generate",
+           extra_values=CONTROL_VALUES),
+        _w("steps", "INT", min=1, max=10000, default=20),
+        _w("cfg", "FLOAT", min=0.0, max=100.0, default=8.0),
+        _w("sampler_name", COMBO), _w("scheduler", COMBO),
+        Slot("positive", "CONDITIONING"), Slot("negative", "CONDITIONING"),
+        _w("denoise", "FLOAT", min=0.0001, max=1.0, default=0.5),
+        _w("feather", "INT", min=0, max=100, default=5),
+        _w("noise_mask", "BOOLEAN", default=True),
+        _w("force_inpaint", "BOOLEAN", default=True),
+        _w("wildcard", "STRING"),
+        _w("cycle", "INT", min=1, max=10, default=1),
+        Slot("detailer_hook", "DETAILER_HOOK", optional=True),
+        _w("inpaint_model", "BOOLEAN", optional=True, default=False),
+        _w("noise_mask_feather", "INT", optional=True, min=0, max=100, default=20),
+        Slot("scheduler_func_opt", "SCHEDULER_FUNC", optional=True)), (("IMAGE", "IMAGE"),)),
+    NodeType("SEGSPreview", "SEGSPreview", (
+        Slot("segs", "SEGS"), _w("alpha_mode", "BOOLEAN", default=True),
+        _w("min_alpha", "FLOAT", min=0.0, max=1.0, default=0.2),
+        Slot("fallback_image_opt", "IMAGE", optional=True)), (("IMAGE", "IMAGE"),), output_node=True),
+    NodeType("SegsToCombinedMask", "SEGS to MASK (combined)", (Slot("segs", "SEGS"),), (("MASK", "MASK"),)),
+)}
+
 
 def node_types_from_object_info(info: dict) -> dict[str, NodeType]:
     """NodeTypes as a live server describes them (``GET /object_info``), for comparison with

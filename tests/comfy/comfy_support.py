@@ -14,7 +14,7 @@ import torch
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 SKIP_REASON = "COMFYUI_PATH is not set; point it at a ComfyUI checkout to run the real-host tests"
-CACHE_DIR = os.environ.get("EMERGENT_SEG_CACHE", "/work/cache")
+CACHE_DIR = os.environ.get("EMERGENT_SEG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "emergent_seg"))
 SD15_CHECKPOINT = os.path.join(CACHE_DIR, "sd15_random.safetensors")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

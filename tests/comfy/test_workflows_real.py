@@ -44,10 +44,13 @@ WORKFLOW_DIR = os.path.join(cs.REPO_ROOT, "example_workflows")
 NAMES = [b.__name__ for b in make_workflows.WORKFLOWS]
 
 
-def start_server(base, log_name: str = "server.log") -> Server:
-    """A ComfyUI for the example workflows under ``base`` (a pathlib folder); caller stops it."""
+def start_server(base, log_name: str = "server.log", other_packs: dict[str, str] | None = None) -> Server:
+    """A ComfyUI for the example workflows under ``base`` (a pathlib folder); caller stops it.
+    ``other_packs``: more custom node folders to link in, by name."""
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "emergent_seg").symlink_to(cs.REPO_ROOT, target_is_directory=True)
+    for name, path in (other_packs or {}).items():
+        (base / "custom_nodes" / name).symlink_to(path, target_is_directory=True)
     ckpt_dir = base / "models" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
     (ckpt_dir / make_workflows.CHECKPOINT).symlink_to(cs.build_random_sd15())
