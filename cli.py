@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +16,9 @@ from .progress import TerminalProgress, run_command
 
 
 def add_segment_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="*", help="image files (PNG/JPEG/WebP); none with the default model = generated scenes")
+    p.add_argument("images", nargs="*",
+                   help="images (PNG/JPEG/WebP), folders of images, glob patterns ('photos/**/*.jpg', quoted) "
+                        "or @list.txt files with one path per line; none with the default model = generated scenes")
     p.add_argument("--model", help="diffusers folder or SD1.x .safetensors; default: the embedded miniature SD (256 px)")
     p.add_argument("--out", default="out", help="output folder (default: out)")
     p.add_argument("--method", choices=["diffseg", "emerdiff"], default="diffseg",
@@ -51,6 +54,9 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
                         "warning instead of running out of memory (default 8, 0 = no limit)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-resume", action="store_true",
+                   help="segment every image again, even those the output folder's manifest.jsonl records as done "
+                        "with the same model and settings")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,8 +154,12 @@ def check_segment_args(args: argparse.Namespace) -> None:
     # built without a model: the values are checked now, the model's defaults fill in later
     DiffSegSettings.for_model(None, **diffseg_overrides(args))
     EmerDiffSettings.for_model(None, **emerdiff_overrides(args))
+    from .runs import expand_inputs, output_stems
+
+    args.images = [str(p) for p in expand_inputs(args.images)]
     for path in args.images:
         check_readable(path)
+    output_stems([Path(p) for p in args.images])
     prepare_output_folder(Path(args.out))
 
 
@@ -182,11 +192,17 @@ def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
         from .fixture.scenes import make_scenes
         sources = [(f"scene{i:02d}", s.image) for i, s in enumerate(make_scenes(4, seed=1000, size=native))]
     else:
-        sources = [(Path(path).stem, path) for path in args.images]
+        from .runs import output_stems
+
+        sources = list(zip(output_stems([Path(p) for p in args.images]), args.images))
     cond = backend.encode_prompt(args.prompt) if args.prompt else None
     out = Path(args.out)
     auto = str(args.size).lower() in ("auto", "keep")
+    resume = _Resume(args, out) if args.images else None
     for stem, source in sources:
+        if resume is not None and resume.done(source):
+            continue
+        started = time.perf_counter()
         original = read_image(source) if not isinstance(source, torch.Tensor) else source
         image = fit_image(original, args.size, backend.size_multiple(), native)
         run_at, note = fit_to_memory(backend, image, args.max_memory, args.mode == "parity")
@@ -199,7 +215,45 @@ def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
         del image
         written = write_outputs(out, stem, target.unsqueeze(0), seg)
         n = seg.counts[0]
+        if resume is not None:
+            resume.finished(source, written, n, time.perf_counter() - started)
         print(f"{stem}: {n} segment{'s' if n != 1 else ''} -> {written[1]}")
+    if resume is not None and resume.skipped:
+        print(f"{resume.skipped} image{'s' if resume.skipped != 1 else ''} already done with this model and "
+              f"these settings (see {resume.manifest.path.name}; --no-resume redoes them)")
+
+
+# options that change where or how a run reports, never its result
+_NOT_SETTINGS = {"images", "out", "quiet", "no_resume", "command", "func", "device", "model"}
+
+
+class _Resume:
+    """The manifest side of ``segment``: which images are done, and a record per finished one."""
+
+    def __init__(self, args: argparse.Namespace, out: Path) -> None:
+        from .runs import Manifest, model_identity, run_key
+
+        self.out, self.no_resume, self.skipped = out, args.no_resume, 0
+        self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+        self.model_hash = model_identity(args.model)
+        self.key = run_key(self.model_hash, self.settings)
+        self.manifest = Manifest.in_folder(out)
+        self.records = self.manifest.records()
+
+    def done(self, path: str) -> bool:
+        from .runs import file_identity
+
+        if self.no_resume or not self.manifest.is_complete(self.records.get(path), file_identity(Path(path)),
+                                                           self.key, self.out):
+            return False
+        self.skipped += 1
+        return True
+
+    def finished(self, path: str, written: list[Path], segments: int, seconds: float) -> None:
+        from .runs import file_identity
+
+        self.manifest.append(file_identity(Path(path)), self.key, self.out, written, segments, seconds,
+                             self.settings, self.model_hash)
 
 
 def _nearest_upscale(image: torch.Tensor, factor: int) -> torch.Tensor:

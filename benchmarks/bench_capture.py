@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import threading
 import time
 from pathlib import Path
@@ -84,6 +85,10 @@ def sdpa(site, q, k, v):
     return merge_heads(F.scaled_dot_product_attention(split_heads(q, h), split_heads(k, h), split_heads(v, h)))
 
 
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 class PeakMemory:
     """Peak resident memory above the level at entry, sampled every 2 ms from /proc (large
     tensors are mmap-backed, so memory freed by an earlier pass does not hide a later peak)."""
@@ -114,11 +119,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_size(backend: DiffusersBackend, cond: Conditioning, size: int, repeats: int, profile: bool) -> None:
+def run_size(backend: DiffusersBackend, cond: Conditioning, size: int, repeats: int, profile: bool,
+             variant: str = "both") -> None:
     latent = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([300])
     self_sites = [s for s in backend.sites() if s.kind == "self"]
     backend.predict_noise(latent, t, cond)  # warm-up
+    rss_plain = max_rss_mb()
     current = capture_module.attention_with_head_mean
     times: dict[str, list[float]] = {"plain": [], "capture": [], "previous": []}
     peaks: dict[str, float] = {"plain": 0.0, "capture": 0.0, "previous": 0.0}
@@ -133,12 +140,21 @@ def run_size(backend: DiffusersBackend, cond: Conditioning, size: int, repeats: 
 
     for _ in range(repeats):
         timed("plain", lambda: backend.predict_noise(latent, t, cond))
-        timed("capture", lambda: capture_attention(backend, latent, cond))
-        capture_module.attention_with_head_mean = previous_head_mean
-        try:
-            timed("previous", lambda: capture_attention(backend, latent, cond))
-        finally:
-            capture_module.attention_with_head_mean = current
+        if variant in ("both", "capture"):
+            timed("capture", lambda: capture_attention(backend, latent, cond))
+        if variant in ("both", "previous"):
+            capture_module.attention_with_head_mean = previous_head_mean
+            try:
+                timed("previous", lambda: capture_attention(backend, latent, cond))
+            finally:
+                capture_module.attention_with_head_mean = current
+    if variant != "both":
+        # one capture variant per process: the process's own peak is a clean measure of its memory
+        label = variant
+        print(f"{size}px: plain forward {min(times['plain']):.2f}s | {label} {min(times[label]):.2f}s = "
+              f"{min(times[label]) / min(times['plain']):.3f}x | process peak above the plain forward's: "
+              f"{max_rss_mb() - rss_plain:.0f} MB", flush=True)
+        return
     plain, captured, previous = (min(times[k]) for k in ("plain", "capture", "previous"))
     top_h, top_w = min(self_sites, key=lambda s: s.stride).grid(tuple(latent.shape[-2:]))
     agg_mb = (top_h * top_w) ** 2 * 4 / 2**20
@@ -190,6 +206,9 @@ def main() -> None:
                         help="image sides in pixels (default: 512 for sd15, 1024 for sdxl)")
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats per size (the minimum is kept)")
     parser.add_argument("--profile", action="store_true", help="also print the per-resolution breakdown")
+    parser.add_argument("--variant", choices=["both", "capture", "previous"], default="both",
+                        help="run one capture formulation only, and report this process's peak memory above "
+                             "the plain forward's (run once per variant for a clean memory comparison)")
     args = parser.parse_args()
     sizes = args.sizes or ([1024] if args.model == "sdxl" else [512])
     backend, cond = build_backend(args.model)
@@ -197,7 +216,7 @@ def main() -> None:
           f"{sum(p.numel() for p in backend.unet.parameters()) / 1e6:.0f} M parameters (random weights), "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     for size in sizes:
-        run_size(backend, cond, size, args.repeats, args.profile)
+        run_size(backend, cond, size, args.repeats, args.profile and args.variant == "both", args.variant)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 

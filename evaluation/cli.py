@@ -27,7 +27,7 @@ from .methods import (
     parse_methods,
 )
 from .report import format_table
-from .scoring import Evaluation, evaluate
+from .scoring import Evaluation, ImageRecords, evaluate
 
 # ---------------------------------------------------------------------------------------------
 # CLI
@@ -52,6 +52,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="comma-separated methods: " + ", ".join(METHODS))
     parser.add_argument("--out", default=None, help="write the table as markdown here")
+    parser.add_argument("--records", default=None,
+                        help="folder of per-image results; a rerun with the same model and options replays them "
+                             "and computes only the missing images (default with --out: <out>_records)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of a dataset")
     parser.add_argument("--tau", type=float, default=None, help="DiffSeg KL threshold (default: calibrated / 1.1)")
     parser.add_argument("--tau-quantile", type=float, default=None,
@@ -97,8 +100,11 @@ def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
     opts = emerdiff_settings(backend, msize, quality=quality, steps=steps, clusters=getattr(args, "clusters", None),
                              sigma=getattr(args, "sigma", None))
     progress = bar() if bar is not None else None
+    records = _records(args)
     ev = evaluate(dataset, methods, backend, num_classes=dataset.num_classes, settings=settings, emerdiff=opts,
-                  size=msize, seed=int(getattr(args, "seed", 0) or 0), progress=progress)
+                  size=msize, seed=int(getattr(args, "seed", 0) or 0), progress=progress, records=records)
+    if records is not None and records.replayed:
+        print(f"replayed {records.replayed} image(s) from {records.folder}", file=sys.stderr)
     model_name = getattr(args, "model", None) or "embedded tiny model (fixture/weights)"
     ev.meta.update(dataset=dataset.describe(), model=str(model_name), methods=methods)
     title = f"{dataset.describe()} — {model_name}"
@@ -112,6 +118,25 @@ def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
         path.with_suffix(".json").write_text(ev.to_json() + "\n")
         print(f"wrote {path} and {path.with_suffix('.json')}", file=sys.stderr)
     return ev
+
+# options that change where or how a run reports, never its numbers
+_NOT_SETTINGS = {"out", "records", "quiet", "device", "model", "command", "func"}
+
+
+def _records(args: argparse.Namespace) -> ImageRecords | None:
+    """Per-image records for ``--records`` (or ``<out>_records`` next to ``--out``), keyed by the
+    model's weights and every option that changes a number."""
+    from ..runs import model_identity, run_key
+
+    folder = getattr(args, "records", None)
+    out = getattr(args, "out", None)
+    if not folder and out:
+        folder = str(Path(out).with_suffix("")) + "_records"
+    if not folder:
+        return None
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+    return ImageRecords(folder, run_key(model_identity(getattr(args, "model", None)), settings))
+
 
 def _run_calibrate(args: argparse.Namespace, bar: Any = None) -> dict:
     from ..core.backends.loading import EMBEDDED_MODEL, load_backend

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -96,11 +98,64 @@ def _row(method: str, acc: _Acc, num_classes: int, seed: int, images: int) -> di
     }
 
 
+class ImageRecords:
+    """Per-image results of an evaluation, one safetensors file per image in ``folder``
+    (``<sample name>.safetensors``: each method's label map and segment embeddings, and its
+    seconds and the run key as metadata), written atomically once every method of the image is
+    done. A rerun with the same run key replays them instead of recomputing, and the table is
+    always computed from these per-image results, so a resumed run prints the same table as an
+    uninterrupted one (the seconds are the recorded ones)."""
+
+    def __init__(self, folder: str | Path, run_key: str) -> None:
+        self.folder, self.run_key = Path(folder), run_key
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.replayed = 0
+
+    def _path(self, sample: Sample) -> Path:
+        return self.folder / (sample.name.replace("/", "__").replace(os.sep, "__") + ".safetensors")
+
+    def load(self, sample: Sample, methods: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:
+        """``{method: (labels, embeddings, seconds)}`` when every method is recorded under this run key."""
+        from safetensors import safe_open
+
+        path = self._path(sample)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("run_key") != self.run_key:
+                    return None
+                seconds = json.loads(meta.get("seconds", "{}"))
+                if not all(m in seconds for m in methods):
+                    return None
+                out = {m: (f.get_tensor(f"{m}/labels").long(), f.get_tensor(f"{m}/embeddings"), float(seconds[m]))
+                       for m in methods}
+        except Exception:  # a torn or foreign file: recompute the image
+            return None
+        self.replayed += 1
+        return out
+
+    def save(self, sample: Sample, results: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for m, (labels, emb, _) in results.items():
+            tensors[f"{m}/labels"] = labels.to(torch.int32).contiguous()
+            tensors[f"{m}/embeddings"] = emb.contiguous()
+        meta = {"run_key": self.run_key, "seconds": json.dumps({m: r[2] for m, r in results.items()})}
+        path = self._path(sample)
+        tmp = path.with_name(path.name + ".partial")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+
 def evaluate(dataset: Iterable[Sample], methods: Sequence[str], backend: Backend | None = None, *,
              num_classes: int, settings: DiffSegSettings | None = None,
              emerdiff: EmerDiffSettings | None = None, size: int | None = None, seed: int = 0,
              progress: Progress | None = None, total: int | None = None,
-             on_image: Callable[[Sample, dict[str, torch.Tensor]], None] | None = None) -> Evaluation:
+             on_image: Callable[[Sample, dict[str, torch.Tensor]], None] | None = None,
+             records: ImageRecords | None = None) -> Evaluation:
     """Score ``methods`` on ``dataset``.
 
     Args:
@@ -115,6 +170,7 @@ def evaluate(dataset: Iterable[Sample], methods: Sequence[str], backend: Backend
         progress: advanced once per (image, method).
         total: number of images (for the progress total), default ``len(dataset)``.
         on_image: called with each sample and its labels per method (at the evaluation size).
+        records: per-image results to replay and to write (resumable runs); ``None`` = neither.
 
     Returns:
         :class:`Evaluation` with, per method: ``instance_miou`` (synthetic only), ``per_image``
@@ -135,14 +191,17 @@ def evaluate(dataset: Iterable[Sample], methods: Sequence[str], backend: Backend
     progress.grow(n_total * len(methods))
     images = 0
     for sample in dataset:
-        run = _ImageRun(runner, sample)
+        recorded = records.load(sample, methods) if records is not None else None
+        results = recorded or {}
+        run = None if recorded else _ImageRun(runner, sample)
         produced: dict[str, torch.Tensor] = {}
         for m in methods:
             progress.check()
-            raw = run.method(m)
-            labels = _compact(_resize_labels(raw, run.eval_hw))
-            emb = run.embeddings(m, labels)  # protocol overhead, not counted in the method's time
-            elapsed = run.seconds(f"method:{m}")
+            if run is not None:
+                labels = _compact(_resize_labels(run.method(m), run.eval_hw))
+                emb = run.embeddings(m, labels)  # protocol overhead, not counted in the method's time
+                results[m] = (labels, emb, run.seconds(f"method:{m}"))
+            labels, emb, elapsed = results[m]
             acc = accs[m]
             acc.seconds += elapsed
             acc.per_image.update(labels, sample.labels)
@@ -154,6 +213,8 @@ def evaluate(dataset: Iterable[Sample], methods: Sequence[str], backend: Backend
                 acc.instance.append(instance_scores(labels, sample.instances)["miou"])
             produced[m] = labels
             progress.advance()
+        if records is not None and recorded is None:
+            records.save(sample, results)
         if on_image is not None:
             on_image(sample, produced)
         images += 1

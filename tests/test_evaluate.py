@@ -500,3 +500,38 @@ def test_diffseg_settings_for_a_model_use_its_stored_defaults(backend):
         DiffSegSettings(iterations=0)
     with pytest.raises(EmergentSegError, match="tau must be > 0"):
         DiffSegSettings(tau=-1.0)
+
+
+def test_cli_eval_resumes_from_per_image_records(default_model, tmp_path, capsys, monkeypatch):
+    """The table comes from per-image records: a rerun replays them (nothing is recomputed and the
+    table is identical), an image whose record is missing (a run cut short) is the only one
+    computed again, and other options start over."""
+    from emergent_seg.evaluation import methods as methods_mod
+
+    out = tmp_path / "table.md"
+    args = ["eval", "--scenes", "3", "--methods", "diffseg-fast,color-kmeans", "--out", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    first, first_rows = out.read_text(), json.loads(out.with_suffix(".json").read_text())["rows"]
+    records = sorted((tmp_path / "table_records").glob("*.safetensors"))
+    assert len(records) == 3
+    computed = []
+    real = methods_mod._ImageRun.method
+
+    def counting(self, m):
+        computed.append((self.sample.name, m))
+        return real(self, m)
+    monkeypatch.setattr(methods_mod._ImageRun, "method", counting)
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert computed == [] and out.read_text() == first
+    assert "replayed 3 image(s)" in capsys.readouterr().err
+    records[1].unlink()
+    assert cli.main(args) == 0
+    assert {name for name, _ in computed} == {records[1].stem}
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    # the recomputed image's seconds may differ; every score is the same
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in first_rows]
+    computed.clear()
+    assert cli.main(args[:-1] + ["--tau", "0.5", "--quiet"]) == 0
+    assert len({name for name, _ in computed}) == 3
