@@ -264,17 +264,17 @@ def segments_to_detailer() -> Workflow:
 
 
 WORKFLOWS = (diffseg_segment, emerdiff_segment, inpaint_segment, diffseg_refined_by_mapper)
-#: Workflows that need another node pack, in example_workflows/<pack>/ (ComfyUI's template menu
-#: lists only example_workflows/*.json, so they never show there for users without the pack).
-PACK_WORKFLOWS = {"impact_pack": (segments_to_detailer,)}
+#: Workflows that need another node pack (Impact Pack) live in docs/workflows/, outside
+#: example_workflows/: ComfyUI's template menu and every tool that runs the example workflows on a
+#: bare host only ever see workflows whose nodes are all core or ours.
+PACK_WORKFLOW_DIR = os.path.join(ROOT, "docs", "workflows")
+PACK_WORKFLOWS = (segments_to_detailer,)
 
 
 def targets() -> list[tuple[str, object]]:
-    """``(path, builder)`` of every example workflow."""
-    out = [(os.path.join(OUT_DIR, b.__name__ + ".json"), b) for b in WORKFLOWS]
-    for folder, builders in PACK_WORKFLOWS.items():
-        out += [(os.path.join(OUT_DIR, folder, b.__name__ + ".json"), b) for b in builders]
-    return out
+    """``(path, builder)`` of every generated workflow."""
+    return [(os.path.join(OUT_DIR, b.__name__ + ".json"), b) for b in WORKFLOWS] + \
+        [(os.path.join(PACK_WORKFLOW_DIR, b.__name__ + ".json"), b) for b in PACK_WORKFLOWS]
 
 
 def render(build) -> str:

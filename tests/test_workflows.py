@@ -27,20 +27,16 @@ def load(name: str) -> dict:
 
 def test_the_folder_holds_exactly_the_generated_workflows():
     assert sorted(os.path.basename(f)[:-5] for f in FILES) == sorted(NAMES)
-    stray = [f for f in os.listdir(WORKFLOW_DIR)
-             if not f.endswith((".json", ".jpg")) and f not in make_workflows.PACK_WORKFLOWS]
+    stray = [f for f in os.listdir(WORKFLOW_DIR) if not f.endswith((".json", ".jpg"))]
     assert stray == []
-    for folder, builders in make_workflows.PACK_WORKFLOWS.items():
-        assert sorted(os.listdir(os.path.join(WORKFLOW_DIR, folder))) == sorted(b.__name__ + ".json" for b in builders)
+    assert sorted(os.listdir(make_workflows.PACK_WORKFLOW_DIR)) == \
+        sorted(b.__name__ + ".json" for b in make_workflows.PACK_WORKFLOWS)
 
 
-PACK_FILES = [(folder, b.__name__) for folder, builders in make_workflows.PACK_WORKFLOWS.items() for b in builders]
-
-
-@pytest.mark.parametrize("folder,name", PACK_FILES)
-def test_pack_workflow_is_valid(folder, name):
-    """Workflows for other packs (example_workflows/<pack>/) check against that pack's pinned types."""
-    with open(os.path.join(WORKFLOW_DIR, folder, name + ".json"), encoding="utf-8") as f:
+@pytest.mark.parametrize("name", [b.__name__ for b in make_workflows.PACK_WORKFLOWS])
+def test_pack_workflow_is_valid(name):
+    """Workflows for other packs (docs/workflows/) check against that pack's pinned types."""
+    with open(os.path.join(make_workflows.PACK_WORKFLOW_DIR, name + ".json"), encoding="utf-8") as f:
         wf = json.load(f)
     types = {**NODE_TYPES, **IMPACT}
     assert problems(wf, types) == []

@@ -153,7 +153,7 @@ CORE: dict[str, NodeType] = {t.name: t for t in (
 NODE_TYPES: dict[str, NodeType] = {**CORE, **_ours()}
 OURS = frozenset(spec.node_id for spec, _ in NODES)
 
-#: Impact Pack node types used by example_workflows/impact_pack/, pinned from ComfyUI Impact Pack
+#: Impact Pack node types used by docs/workflows/, pinned from ComfyUI Impact Pack
 #: 7.10's ``/object_info``; ``tests/comfy/test_impact_pack.py`` compares them with a live server.
 #: Sampler and scheduler lists vary with the installed versions, so they are not pinned.
 IMPACT: dict[str, NodeType] = {t.name: t for t in (

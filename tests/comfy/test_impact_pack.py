@@ -5,7 +5,7 @@ requirements are installed). One server for the module with both packs, the cach
 SD1.5 checkpoint and ComfyUI's ``input/example.png``. Checks:
 
 - the pinned Impact Pack node types (tests/workflow_tools.py ``IMPACT``) are the live ones;
-- example_workflows/impact_pack/segments_to_detailer.json runs: Segments to SEGS feeds Impact
+- docs/workflows/segments_to_detailer.json runs: Segments to SEGS feeds Impact
   Pack's Detailer (SEGS), SEGSPreview and SEGS to MASK (combined);
 - Impact Pack reads our SEGS exactly: its combined mask equals Mask Output's mask for the same
   selection, pixel for pixel, and its SEGS-to-mask-list gives one mask per selected segment.
@@ -32,7 +32,7 @@ if not IMPACT_PACK_PATH or not os.path.isfile(os.path.join(IMPACT_PACK_PATH, "mo
                 "installed); set it to run the SEGS checks against Impact Pack's own nodes",
                 allow_module_level=True)
 
-WORKFLOW = os.path.join(cs.REPO_ROOT, "example_workflows", "impact_pack", "segments_to_detailer.json")
+WORKFLOW = os.path.join(cs.REPO_ROOT, "docs", "workflows", "segments_to_detailer.json")
 
 
 @pytest.fixture(scope="module")
