@@ -224,19 +224,17 @@ def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
 
 
 # options that change where or how a run reports, never its result
-_NOT_SETTINGS = {"images", "out", "quiet", "no_resume", "command", "func", "device", "model"}
+_NOT_SETTINGS = {"images", "out", "quiet", "no_resume", "command", "func", "device"}
 
 
 class _Resume:
     """The manifest side of ``segment``: which images are done, and a record per finished one."""
 
     def __init__(self, args: argparse.Namespace, out: Path) -> None:
-        from .runs import Manifest, model_identity, run_key
+        from .runs import Manifest, args_key
 
         self.out, self.no_resume, self.skipped = out, args.no_resume, 0
-        self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
-        self.model_hash = model_identity(args.model)
-        self.key = run_key(self.model_hash, self.settings)
+        self.settings, self.model_hash, self.key = args_key(args, _NOT_SETTINGS)
         self.manifest = Manifest.in_folder(out)
         self.records = self.manifest.records()
 

@@ -110,6 +110,15 @@ def run_key(model_hash: str, settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def args_key(args: Any, reporting_only: set[str]) -> tuple[dict[str, Any], str, str]:
+    """``(settings, model hash, run key)`` of a command line: every option except those in
+    ``reporting_only`` (where or how a run reports, never its result), and the ``model`` option's
+    weights (:func:`model_identity`)."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in reporting_only and k != "model"}
+    model_hash = model_identity(getattr(args, "model", None))
+    return settings, model_hash, run_key(model_hash, settings)
+
+
 @dataclass
 class Manifest:
     """``<out>/manifest.jsonl`` (see the module docstring)."""

@@ -107,7 +107,7 @@ def attention_with_head_mean(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     qh, kh, vh = (split_heads(x, heads).float() for x in (q, k, v))
     scale = qh.shape[-1] ** -0.5
     out = torch.empty(b, heads, nq, vh.shape[-1], dtype=torch.float32, device=q.device)
-    step = max(1, min(nq, budget_bytes // max(1, nk * 4)))
+    step = query_chunk(1, 1, nq, nk, budget_bytes)  # one (image, head) at a time
     buffer = torch.empty(step * nk, dtype=torch.float32, device=q.device)
     alpha = weight / heads
     for i in range(b):

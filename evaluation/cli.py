@@ -120,13 +120,13 @@ def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
     return ev
 
 # options that change where or how a run reports, never its numbers
-_NOT_SETTINGS = {"out", "records", "quiet", "device", "model", "command", "func"}
+_NOT_SETTINGS = {"out", "records", "quiet", "device", "command", "func"}
 
 
 def _records(args: argparse.Namespace) -> ImageRecords | None:
     """Per-image records for ``--records`` (or ``<out>_records`` next to ``--out``), keyed by the
     model's weights and every option that changes a number."""
-    from ..runs import model_identity, run_key
+    from ..runs import args_key
 
     folder = getattr(args, "records", None)
     out = getattr(args, "out", None)
@@ -134,8 +134,7 @@ def _records(args: argparse.Namespace) -> ImageRecords | None:
         folder = str(Path(out).with_suffix("")) + "_records"
     if not folder:
         return None
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
-    return ImageRecords(folder, run_key(model_identity(getattr(args, "model", None)), settings))
+    return ImageRecords(folder, args_key(args, _NOT_SETTINGS)[2])
 
 
 def _run_calibrate(args: argparse.Namespace, bar: Any = None) -> dict:

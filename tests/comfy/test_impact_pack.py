@@ -22,7 +22,7 @@ cs.require_comfy()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from test_workflows_real import SIZE, fast_settings, start_server  # noqa: E402
+from test_workflows_real import SIZE, fast_settings, serving  # noqa: E402
 from workflow_tools import CORE, IMPACT, node_types_from_object_info, problems, ui_to_api  # noqa: E402
 
 
@@ -37,11 +37,7 @@ WORKFLOW = os.path.join(cs.REPO_ROOT, "docs", "workflows", "segments_to_detailer
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("comfy_impact"), other_packs={"ComfyUI-Impact-Pack": IMPACT_PACK_PATH})
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from serving(tmp_path_factory.mktemp("comfy_impact"), {"ComfyUI-Impact-Pack": IMPACT_PACK_PATH})
 
 
 @pytest.fixture(scope="module")

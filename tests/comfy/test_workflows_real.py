@@ -65,13 +65,18 @@ def start_server(base, log_name: str = "server.log", other_packs: dict[str, str]
     return srv
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("comfy_workflows"))
+def serving(base, other_packs: dict[str, str] | None = None):
+    """Generator for a module-scoped server fixture: starts under ``base``, stops afterwards."""
+    srv = start_server(base, other_packs=other_packs)
     try:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from serving(tmp_path_factory.mktemp("comfy_workflows"))
 
 
 @pytest.fixture(scope="module")
