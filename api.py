@@ -100,7 +100,9 @@ def segment_image(backend: Backend, image: torch.Tensor, cond: Conditioning | No
                   refine: str = "none", diffseg: DiffSegSettings | None = None,
                   emerdiff: EmerDiffSettings | None = None, seed: int = 0,
                   progress: Progress | None = None) -> Segmentation:
-    """One image ``[1,3,H,W]`` (already fitted to the model's size grid) -> its segmentation.
+    """Images ``[B,3,H,W]`` of one size (already fitted to the model's size grid) -> their
+    segmentation. DiffSeg captures the whole batch in one UNet pass; the feature pass of EmerDiff
+    is batched too, and the mapper runs its members batched, one image at a time.
 
     ``method="emerdiff"``: low-res k-means + the mapper. ``refine="kmeans"``: DiffSeg's k-means
     refinement; ``refine="emerdiff"``: DiffSeg, then the mapper on its labels.
@@ -114,7 +116,7 @@ def segment_image(backend: Backend, image: torch.Tensor, cond: Conditioning | No
     from dataclasses import replace
 
     diffseg = replace(diffseg or DiffSegSettings.for_model(backend), refine=refine == "kmeans")
-    seg = pipeline.segment_diffseg(backend, image, cond, diffseg, progress=progress)
+    seg = pipeline.segment_diffseg(backend, image, cond, diffseg, progress=progress, batch_size=int(image.shape[0]))
     if refine == "emerdiff":
         seg = pipeline.refine_with_mapper(backend, image, seg, cond, emerdiff, seed=seed, progress=progress)
     return seg

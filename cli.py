@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from .core.backend import Progress
 from .core.errors import EmergentSegError
 from .core.settings import QUALITY_PRESETS, DiffSegSettings, EmerDiffSettings
+from .engines import add_engine_arguments, check_engine_arguments, diffseg_overrides, emerdiff_overrides
 from .progress import TerminalProgress, run_command
 
 
@@ -54,6 +54,10 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
                         "warning instead of running out of memory (default 8, 0 = no limit)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_arguments(p, batch_default=1,
+                         batch_help="images per UNet pass: images of one processing size are batched together "
+                                    "(DiffSeg's capture and EmerDiff's feature pass); larger batches are faster "
+                                    "on a GPU and take batch x the attention memory (default 1)")
     p.add_argument("--no-resume", action="store_true",
                    help="segment every image again, even those the output folder's manifest.jsonl records as done "
                         "with the same model and settings")
@@ -78,68 +82,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command({"segment": run_segment, "demo": run_demo, "eval": run_eval}, parser.parse_args(argv))
 
 
-def diffseg_overrides(args: argparse.Namespace) -> dict:
-    """The DiffSeg options the user gave; the rest come from the model (``core/settings.py``)."""
-    given = {"tau": args.tau, "tau_quantile": args.tau_quantile, "timestep": args.timestep}
-    return {"iterations": args.iterations, "anchors_per_side": args.anchors, "mode": args.mode,
-            "refine": args.refine == "kmeans", **{k: v for k, v in given.items() if v is not None}}
-
-
-def emerdiff_overrides(args: argparse.Namespace) -> dict:
-    return {"clusters": args.clusters, "quality": args.quality, "sigma": args.sigma}
-
-
-def _segment_one(backend, image: torch.Tensor, cond, args: argparse.Namespace, progress: Progress):
-    """image ``[1,3,H,W]`` -> Segmentation, by the method and refinement asked for (the Python
-    API's :func:`api.segment_image`, with the options given on the command line)."""
-    from .api import segment_image
-    from .core.pipeline import image_side
-
-    emerdiff = EmerDiffSettings.for_model(backend, image_side(image), **emerdiff_overrides(args))
-    diffseg = DiffSegSettings.for_model(backend, **diffseg_overrides(args))
-    return segment_image(backend, image, cond, method=args.method, refine=args.refine, diffseg=diffseg,
-                         emerdiff=emerdiff, seed=args.seed, progress=progress)
-
-
-def write_outputs(out: Path, stem: str, image: torch.Tensor, seg) -> list[Path]:
-    """``<stem>_labels.png``, ``<stem>_overlay.png`` and ``<stem>_segNN.png`` per segment, at the
-    size of ``image`` ``[1,3,H,W]`` (labels resized nearest when the segmentation is smaller).
-    Masks are written one at a time as 8-bit images, so a 12-megapixel photo stays cheap."""
-    from .core.images import save_png
-    from .core.masks import render_overlay
-    from .core.segmentation import Segmentation
-
-    out.mkdir(parents=True, exist_ok=True)
-    # masks of an earlier run with more segments must not stay beside the new ones
-    for stale in out.glob(f"{stem}_seg[0-9][0-9]*.png"):
-        suffix = stale.stem[len(stem) + 4:]
-        if suffix.isdigit() and int(suffix) >= seg.counts[0]:
-            stale.unlink()
-    hw = tuple(int(v) for v in image.shape[-2:])
-    labels = seg.labels[0]
-    if tuple(labels.shape) != hw:
-        labels = torch.nn.functional.interpolate(labels[None, None].to(torch.float32), size=hw,
-                                                 mode="nearest-exact")[0, 0].to(torch.uint8 if seg.counts[0] <= 256
-                                                                                  else torch.int64)
-        seg = Segmentation(labels.unsqueeze(0).to(torch.int64), seg.counts, seg.words, None, seg.method, seg.info)
-    written = [out / f"{stem}_labels.png", out / f"{stem}_overlay.png"]
-    save_png(labels, written[0])
-    save_png(render_overlay(image, seg)[0].permute(1, 2, 0), written[1])
-    for i in range(seg.counts[0]):
-        path = out / f"{stem}_seg{i:02d}.png"
-        save_png((labels == i).to(torch.uint8) * 255, path)
-        written.append(path)
-    return written
-
-
 def check_segment_args(args: argparse.Namespace) -> None:
     """Every option, the images and the output folder are checked before the model loads, so a
     typo costs milliseconds, not a model load and a UNet pass."""
+    from .api import check_method
     from .core.backends.loading import check_model_path
     from .core.images import check_readable, parse_size
-    from .api import check_method
 
     check_method(args.method, args.refine)
+    check_engine_arguments(args)
     if not args.max_memory >= 0:
         raise EmergentSegError(f"--max-memory must be >= 0 GB (0 = no limit), got {args.max_memory:g}")
     if args.model:
@@ -178,53 +129,59 @@ def prepare_output_folder(out: Path) -> None:
 
 
 def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
-    from .api import fit_to_memory
-    from .core.backends.loading import load_backend
-    from .core.images import fit_image, native_side, read_image
+    from .engines import (
+        RayOptions,
+        WorkItem,
+        plan_batches,
+        print_warning,
+        run_local,
+        run_ray,
+    )
 
     check_segment_args(args)
-    backend = load_backend(args.model, args.device)
-    native = native_side(backend)
-    sources: list[tuple[str, object]] = []
+    items: list[WorkItem] = []
+    pixels: dict[str, torch.Tensor] | None = None
     if not args.images:
         if args.model:
             raise EmergentSegError("give at least one image to segment")
+        from .core.backends.loading import load_backend
+        from .core.images import native_side
         from .fixture.scenes import make_scenes
-        sources = [(f"scene{i:02d}", s.image) for i, s in enumerate(make_scenes(4, seed=1000, size=native))]
+
+        native = native_side(load_backend(None, "cpu"))
+        pixels = {f"scene{i:02d}": s.image for i, s in enumerate(make_scenes(4, seed=1000, size=native))}
+        items = [WorkItem(stem, "") for stem in pixels]
     else:
         from .runs import output_stems
 
-        sources = list(zip(output_stems([Path(p) for p in args.images]), args.images))
-    cond = backend.encode_prompt(args.prompt) if args.prompt else None
+        items = [WorkItem(stem, path) for stem, path in zip(output_stems([Path(p) for p in args.images]), args.images)]
     out = Path(args.out)
-    auto = str(args.size).lower() in ("auto", "keep")
     resume = _Resume(args, out) if args.images else None
-    for stem, source in sources:
-        if resume is not None and resume.done(source):
-            continue
-        started = time.perf_counter()
-        original = read_image(source) if not isinstance(source, torch.Tensor) else source
-        image = fit_image(original, args.size, backend.size_multiple(), native)
-        run_at, note = fit_to_memory(backend, image, args.max_memory, args.mode == "parity")
-        if note:
-            print(f"warning: {stem}: {note}", file=sys.stderr)
-        seg = _segment_one(backend, run_at.unsqueeze(0), cond, args, bar())
-        del run_at
-        # auto/keep: masks at the photo's own resolution; fixed sizes: at the cropped size
-        target = original if auto else image
-        del image
-        written = write_outputs(out, stem, target.unsqueeze(0), seg)
-        n = seg.counts[0]
+    todo = [it for it in items if resume is None or not resume.done(it.path)]
+    batches = plan_batches(todo, args.batch_size) if args.images else [todo[i:i + args.batch_size]
+                                                                         for i in range(0, len(todo), args.batch_size)]
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    if args.engine == "ray":
+        if pixels is not None:
+            raise EmergentSegError("--engine ray segments files; give images (the generated scenes run locally)")
+        ray_opts = RayOptions(args.address, args.workers, args.cpus_per_worker, args.gpus_per_worker)
+        finished = run_ray(options, batches, ray_opts, on_start=lambda line: print(line, file=sys.stderr))
+    else:
+        finished = run_local(options, batches, bar, pixels)
+    for done in finished:
+        print_warning(done.stem, done.warning)
+        written = [Path(p) for p in done.outputs]
         if resume is not None:
-            resume.finished(source, written, n, time.perf_counter() - started)
-        print(f"{stem}: {n} segment{'s' if n != 1 else ''} -> {written[1]}")
+            resume.finished(done.path, written, done.segments, done.seconds)
+        print(f"{done.stem}: {done.segments} segment{'s' if done.segments != 1 else ''} -> {written[1]}")
     if resume is not None and resume.skipped:
         print(f"{resume.skipped} image{'s' if resume.skipped != 1 else ''} already done with this model and "
               f"these settings (see {resume.manifest.path.name}; --no-resume redoes them)")
 
 
 # options that change where or how a run reports, never its result
-_NOT_SETTINGS = {"images", "out", "quiet", "no_resume", "command", "func", "device"}
+_NOT_SETTINGS = {"images", "out", "quiet", "no_resume", "command", "func", "device", "batch_size", "engine",
+                 "address", "workers", "cpus_per_worker", "gpus_per_worker"}
 
 
 class _Resume:
@@ -327,7 +284,6 @@ def run_demo(args: argparse.Namespace, bar: TerminalProgress) -> None:
 
 def _demo(args: argparse.Namespace, bar: TerminalProgress) -> None:
     import json
-    import time
 
     from .core.backends.loading import load_backend
     from .core.images import native_side, save_png

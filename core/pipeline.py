@@ -78,17 +78,23 @@ def with_word_votes(seg: Segmentation, cap: AttentionCapture) -> Segmentation:
 
 
 def segment_diffseg(backend: Backend, images: torch.Tensor, cond: Conditioning | None = None,
-                    settings: DiffSegSettings = DiffSegSettings(),
-                    progress: Progress | None = None) -> Segmentation:
-    """DiffSeg end to end, one image at a time (the aggregate is 64 MiB per image at 512 px)."""
+                    settings: DiffSegSettings = DiffSegSettings(), progress: Progress | None = None,
+                    batch_size: int = 1) -> Segmentation:
+    """DiffSeg end to end, ``batch_size`` images per UNet pass (the aggregate is 64 MiB per image
+    at 512 px, so the default runs one image at a time; a batch of equal-size images shares one
+    pass, which is what makes many-image runs fast on a GPU)."""
     check_images(backend, images)
+    if batch_size < 1:
+        raise EmergentSegError(f"batch size must be at least 1, got {batch_size}")
+    n = images.shape[0]
     results = []
-    for i in range(images.shape[0]):
-        one_cond = None if cond is None else cond.expand(images.shape[0]).select([i])
+    for i in range(0, n, batch_size):
+        j = min(n, i + batch_size)
+        part = None if cond is None else cond.expand(n).select(list(range(i, j)))
         # with a prompt, cross-attention is kept too so segments are named after its words
-        cap = capture(backend, images[i:i + 1], one_cond, settings, cross=bool(one_cond and one_cond.tokens),
-                      progress=progress)
+        cap = capture(backend, images[i:j], part, settings, cross=bool(part and part.tokens), progress=progress)
         results.append(merge(cap, settings, progress=progress))
+        del cap
     return concat(results)
 
 
@@ -132,7 +138,12 @@ def refine_with_mapper(backend: Backend, images: torch.Tensor, seg: Segmentation
     the mapper's grid by majority vote, modulated, and the segment words carried over."""
     from dataclasses import replace
 
-    from .emerdiff import carry_words, choose_site, lowres_from_segmentation, modulated_denoise_mapper
+    from .emerdiff import (
+        carry_words,
+        choose_site,
+        lowres_from_segmentation,
+        modulated_denoise_mapper,
+    )
 
     check_images(backend, images)
     settings = settings or EmerDiffSettings.for_model(backend, image_side(images))

@@ -53,6 +53,12 @@ class Segmentation:
             return None
         return self.words[image][segment]
 
+    def select(self, index: int) -> "Segmentation":
+        """Image ``index`` alone, as a batch of one."""
+        return replace(self, labels=self.labels[index:index + 1], counts=self.counts[index:index + 1],
+                       words=self.words[index:index + 1] if self.words else (),
+                       lowres=None if self.lowres is None else self.lowres[index:index + 1])
+
     def with_words(self, words: list[list[str | None]]) -> "Segmentation":
         return replace(self, words=tuple(tuple(w) for w in words))
 

@@ -72,15 +72,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of k-means and the mapper's noise")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from ..engines import add_engine_arguments
+    add_engine_arguments(parser, batch_help="Ray: images per task (default 8)", batch_default=8)
 
 
-def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
-    """``python -m emergent_seg eval``: build the dataset and backend from ``args``, print the
-    markdown table, write it to ``args.out`` (and the JSON next to it) when given."""
+def _setup(args: argparse.Namespace, device: str | None = None) -> dict[str, Any]:
+    """What an evaluation of ``args`` needs: methods, backend, model size, dataset and settings
+    (the same for this process and for every Ray worker)."""
     methods = parse_methods(getattr(args, "methods", ",".join(DEFAULT_METHODS)))
     needs_model = any(METHODS[m].embedding != "colour" for m in methods)
     backend = None
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     if needs_model:
         from ..core.backends.loading import load_backend
         backend = load_backend(getattr(args, "model", None), device)
@@ -99,14 +101,40 @@ def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
         quality, steps = steps, None
     opts = emerdiff_settings(backend, msize, quality=quality, steps=steps, clusters=getattr(args, "clusters", None),
                              sigma=getattr(args, "sigma", None))
-    progress = bar() if bar is not None else None
+    return {"methods": methods, "backend": backend, "size": msize, "dataset": dataset, "settings": settings,
+            "emerdiff": opts, "seed": int(getattr(args, "seed", 0) or 0)}
+
+
+def _evaluate(setup: dict[str, Any], dataset: Any, records: ImageRecords | None, progress: Any = None) -> Evaluation:
+    return evaluate(dataset, setup["methods"], setup["backend"], num_classes=setup["dataset"].num_classes,
+                    settings=setup["settings"], emerdiff=setup["emerdiff"], size=setup["size"], seed=setup["seed"],
+                    progress=progress, records=records)
+
+
+def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
+    """``python -m emergent_seg eval``: build the dataset and backend from ``args``, print the
+    markdown table, write it to ``args.out`` (and the JSON next to it) when given.
+
+    ``--engine ray``: the images without a record are segmented on a Ray cluster (each worker
+    writes its images' records), then this process computes the table from the records alone."""
+    engine = getattr(args, "engine", "local") or "local"
+    if hasattr(args, "batch_size"):
+        from ..engines import check_engine_arguments
+        check_engine_arguments(args)
     records = _records(args)
-    ev = evaluate(dataset, methods, backend, num_classes=dataset.num_classes, settings=settings, emerdiff=opts,
-                  size=msize, seed=int(getattr(args, "seed", 0) or 0), progress=progress, records=records)
+    if engine == "ray":
+        if records is None:
+            raise EmergentSegError("--engine ray keeps per-image results in --records; give --records DIR or --out")
+        _run_on_ray(args, records)
+    # the driver of a Ray run only replays records: its model stays on the CPU
+    setup = _setup(args, "cpu" if engine == "ray" else None)
+    dataset = setup["dataset"]
+    progress = bar() if bar is not None else None
+    ev = _evaluate(setup, dataset, records, progress)
     if records is not None and records.replayed:
         print(f"replayed {records.replayed} image(s) from {records.folder}", file=sys.stderr)
     model_name = getattr(args, "model", None) or "embedded tiny model (fixture/weights)"
-    ev.meta.update(dataset=dataset.describe(), model=str(model_name), methods=methods)
+    ev.meta.update(dataset=dataset.describe(), model=str(model_name), methods=setup["methods"])
     title = f"{dataset.describe()} — {model_name}"
     table = format_table(ev, title)
     print(table)
@@ -119,8 +147,47 @@ def run_eval(args: argparse.Namespace, bar: Any = None) -> Evaluation:
         print(f"wrote {path} and {path.with_suffix('.json')}", file=sys.stderr)
     return ev
 
+
+class EvalShard:
+    """The per-batch function of an evaluation: one loaded model; ``run(indices)`` evaluates
+    those images of the dataset and writes their records (the Ray engine's actor body)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.args = argparse.Namespace(**options)
+        self.setup = _setup(self.args)
+        self.records = _records(self.args)
+
+    def run(self, indices: list[int]) -> list[str]:
+        dataset = self.setup["dataset"]
+        _evaluate(self.setup, dataset.subset(indices), self.records)
+        names = dataset.names()
+        return [names[i] for i in indices]
+
+
+def _run_on_ray(args: argparse.Namespace, records: ImageRecords) -> None:
+    """Evaluate every image without a record on Ray, ``--batch-size`` images per task."""
+    from ..engines import RayOptions, run_ray_tasks
+
+    methods = parse_methods(getattr(args, "methods", ",".join(DEFAULT_METHODS)))
+    dataset = open_dataset(getattr(args, "dataset", "synthetic"), getattr(args, "data", None),
+                           int(getattr(args, "scenes", 200) or 200), getattr(args, "limit", None),
+                           size=1, seed=getattr(args, "scene_seed", None))  # names only: no image is read
+    todo = [i for i, name in enumerate(dataset.names()) if not records.has(name, methods)]
+    batch = max(1, int(getattr(args, "batch_size", 8) or 8))
+    batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    opts = RayOptions(getattr(args, "address", None), getattr(args, "workers", None),
+                      getattr(args, "cpus_per_worker", None), getattr(args, "gpus_per_worker", None))
+    done = 0
+    for names in run_ray_tasks(EvalShard, options, batches, opts,
+                               on_start=lambda line: print(line, file=sys.stderr)):
+        done += len(names)
+        print(f"evaluated {done}/{len(todo)} image(s) on Ray", file=sys.stderr)
+
+
 # options that change where or how a run reports, never its numbers
-_NOT_SETTINGS = {"out", "records", "quiet", "device", "command", "func"}
+_NOT_SETTINGS = {"out", "records", "quiet", "device", "command", "func", "engine", "address", "workers",
+                 "cpus_per_worker", "gpus_per_worker", "batch_size"}
 
 
 def _records(args: argparse.Namespace) -> ImageRecords | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -153,10 +153,21 @@ class SyntheticDataset:
     def describe(self) -> str:
         return f"synthetic scenes, seeds {self.seed}..{self.seed + self.n - 1}, {self.size} px"
 
+    def names(self) -> list[str]:
+        """Each sample's name, in order, without generating any scene."""
+        return [f"scene{self.seed + i}" for i in range(self.n)]
+
+    def subset(self, indices: Sequence[int]) -> "SyntheticDataset":
+        """The same dataset restricted to ``indices`` (a Ray worker's share)."""
+        return _Subset(self, indices)
+
     def __iter__(self) -> Iterator[Sample]:
+        return self.samples(range(self.n))
+
+    def samples(self, indices: Iterable[int]) -> Iterator[Sample]:
         from ..fixture.scenes import TEXTURE_NAMES, make_scene
 
-        for i in range(self.n):
+        for i in indices:
             scene = make_scene(self.seed + i, self.size)
             lut = torch.tensor([TEXTURE_NAMES.index(t) for t in scene.textures], dtype=torch.int64)
             yield Sample(f"scene{scene.seed}", scene.image, lut[scene.labels], scene.labels, scene.caption)
@@ -168,6 +179,24 @@ def _first_existing(root: Path, candidates: Sequence[str]) -> Path | None:
         if p.exists():
             return p
     return None
+
+
+class _Subset:
+    """Some samples of a dataset, by index, with its classes and description."""
+
+    def __init__(self, parent: Any, indices: Sequence[int]) -> None:
+        self.parent, self.indices = parent, list(indices)
+        self.name, self.num_classes = parent.name, parent.num_classes
+        self.class_names = parent.class_names
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return self.parent.samples(self.indices)
+
+    def describe(self) -> str:
+        return f"{len(self.indices)} images of {self.parent.describe()}"
 
 
 class _LabelledFiles:
@@ -187,8 +216,18 @@ class _LabelledFiles:
     def __len__(self) -> int:
         return len(self.items)
 
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.items]
+
+    def subset(self, indices: Sequence[int]) -> "_Subset":
+        return _Subset(self, indices)
+
     def __iter__(self) -> Iterator[Sample]:
-        for name, img_path, lab_path in self.items:
+        return self.samples(range(len(self.items)))
+
+    def samples(self, indices: Iterable[int]) -> Iterator[Sample]:
+        for i in indices:
+            name, img_path, lab_path = self.items[i]
             image, labels = centre_crop_resize(_read_rgb(img_path), _read_label(lab_path), self.size)
             assert labels is not None
             yield Sample(name, image, self.to_classes(labels))

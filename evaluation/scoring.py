@@ -114,6 +114,22 @@ class ImageRecords:
     def _path(self, sample: Sample) -> Path:
         return self.folder / (sample.name.replace("/", "__").replace(os.sep, "__") + ".safetensors")
 
+    def has(self, name: str, methods: Sequence[str]) -> bool:
+        """Whether the image ``name`` has a record of every method under this run key (reads the
+        file's header only)."""
+        from safetensors import safe_open
+
+        path = self.folder / (name.replace("/", "__").replace(os.sep, "__") + ".safetensors")
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # a torn or foreign file: the image is done again
+            return False
+        seconds = json.loads(meta.get("seconds", "{}")) if meta.get("run_key") == self.run_key else {}
+        return all(m in seconds for m in methods)
+
     def load(self, sample: Sample, methods: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:
         """``{method: (labels, embeddings, seconds)}`` when every method is recorded under this run key."""
         from safetensors import safe_open

@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from emergent_seg import cli
+from emergent_seg import cli, engines
 
 SIZE = 32
 
@@ -104,17 +104,17 @@ def test_segment_one_uses_the_core_api(model_dir, image_path):
     image = fit_image(read_image(image_path), str(SIZE), backend.size_multiple()).unsqueeze(0)
     parser_args = ["segment", "x", "--method", "emerdiff", "--clusters", "2"]
     args = _parse(parser_args)
-    seg = cli._segment_one(backend, image, None, args, cli.Progress())
+    seg = engines._segment_images(backend, image, None, args, engines.Progress())
     assert seg.method == "emerdiff" and seg.labels.shape == (1, SIZE, SIZE)
     assert seg.info["steps"] == 1 and seg.info["difference"] == "one_sided" and seg.info["k"] == 2
     # auto grid = 1/32 of the image side; a 32 px pixel-space image gets the coarsest decoder grid
     assert seg.info["grid"] == [8, 8] and seg.info["evaluations"] == 1 + 3
     args = _parse(["segment", "x", "--refine", "emerdiff", "--steps", "faithful", "--tau", "0.5"])
-    ref = cli._segment_one(backend, image, None, args, cli.Progress())
+    ref = engines._segment_images(backend, image, None, args, engines.Progress())
     assert ref.method == "diffseg+mapper" and ref.info["steps"] == 15 and ref.info["difference"] == "symmetric"
     with pytest.raises(cli.EmergentSegError, match="--refine kmeans"):
-        cli._segment_one(backend, image, None, _parse(["segment", "x", "--method", "emerdiff",
-                                                       "--refine", "kmeans"]), cli.Progress())
+        engines._segment_images(backend, image, None, _parse(["segment", "x", "--method", "emerdiff",
+                                                              "--refine", "kmeans"]), engines.Progress())
 
 
 def _parse(argv):
@@ -250,7 +250,7 @@ def test_png_writes_are_atomic(tmp_path, monkeypatch):
 def test_ctrl_c_is_one_line_and_exit_code_130(model_dir, image_path, tmp_path, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "_segment_one", interrupted)
+    monkeypatch.setattr(engines, "_segment_images", interrupted)
     out = tmp_path / "out"
     assert cli.main(["segment", str(image_path), "--model", str(model_dir), "--out", str(out), "--quiet"]) == 130
     err = capsys.readouterr().err.strip()

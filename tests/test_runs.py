@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from test_cli import SIZE, model_dir  # noqa: F401  (module fixture)
 
-from emergent_seg import cli
+from emergent_seg import cli, engines
 from emergent_seg.core.errors import EmergentSegError
 from emergent_seg.runs import MANIFEST_NAME, expand_inputs, output_stems
 
@@ -108,7 +108,7 @@ def test_a_rerun_does_only_what_is_missing_or_changed(model_dir, folder, tmp_pat
 
 def test_an_interrupted_run_resumes_with_the_unfinished_image(model_dir, folder, tmp_path, capsys, monkeypatch):  # noqa: F811
     out = tmp_path / "out"
-    real = cli.write_outputs
+    real = engines.write_outputs
     calls = []
 
     def dies_on_the_second(out_dir, stem, image, seg):
@@ -117,10 +117,10 @@ def test_an_interrupted_run_resumes_with_the_unfinished_image(model_dir, folder,
             real(out_dir, stem, image, seg)
             raise KeyboardInterrupt                              # files written, record not yet
         return real(out_dir, stem, image, seg)
-    monkeypatch.setattr(cli, "write_outputs", dies_on_the_second)
+    monkeypatch.setattr(engines, "write_outputs", dies_on_the_second)
     assert run(model_dir, out, folder) == 130
     assert [os.path.basename(r["input"]["path"]) for r in manifest(out)] == ["a.jpg"]
-    monkeypatch.setattr(cli, "write_outputs", real)
+    monkeypatch.setattr(engines, "write_outputs", real)
     capsys.readouterr()
     assert run(model_dir, out, folder) == 0
     assert done_stems(capsys) == ["b"]
