@@ -216,8 +216,8 @@ def _need_ray() -> Any:
         import ray
         import ray.data
     except ImportError:
-        raise EmergentSegError("--engine ray needs Ray Data: pip install 'emergent-seg[ray]' "
-                               "(or pip install 'ray[data]'), then rerun") from None
+        raise EmergentSegError("--engine ray needs Ray Data: pip install 'ray[data]' (or pip install -e '.[ray]' in "
+                               "this checkout), then rerun") from None
     return ray
 
 
