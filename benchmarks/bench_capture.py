@@ -148,6 +148,12 @@ def run_size(backend: DiffusersBackend, cond: Conditioning, size: int, repeats: 
                 timed("previous", lambda: capture_attention(backend, latent, cond))
             finally:
                 capture_module.attention_with_head_mean = current
+    if repeats > 1:
+        # plain and capture alternate, so each pair shares the machine's state of the moment
+        ratios = sorted(c / p for c, p in zip(times["capture" if variant != "previous" else "previous"],
+                                               times["plain"]))
+        print(f"{size}px: per-repeat ratios {', '.join(f'{r:.3f}' for r in ratios)}; median "
+              f"{ratios[len(ratios) // 2]:.3f}x", flush=True)
     if variant != "both":
         # one capture variant per process: the process's own peak is a clean measure of its memory
         label = variant
