@@ -11,7 +11,8 @@ import torch
 
 from .core.errors import EmergentSegError
 from .core.settings import QUALITY_PRESETS, DiffSegSettings, EmerDiffSettings
-from .engines import add_engine_arguments, check_engine_arguments, diffseg_overrides, emerdiff_overrides
+from .engines import (absolute_paths, add_engine_arguments, check_engine_arguments, diffseg_overrides,
+                      emerdiff_overrides)
 from .progress import TerminalProgress, run_command
 
 
@@ -52,7 +53,9 @@ def add_segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=float, default=8.0,
                    help="GB DiffSeg's attention may take; a larger processing size is scaled down with a "
                         "warning instead of running out of memory (default 8, 0 = no limit)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cuda when the machine running the model has one; with "
+                        "--engine ray, each worker decides for itself)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_engine_arguments(p, batch_default=1,
                          batch_help="images per UNet pass: images of one processing size are batched together "
@@ -162,6 +165,7 @@ def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
                                                                          for i in range(0, len(todo), args.batch_size)]
     options = {k: v for k, v in vars(args).items() if k != "func"}
     if args.engine == "ray":
+        options = absolute_paths(options, ("out", "model"))
         if pixels is not None:
             raise EmergentSegError("--engine ray segments files; give images (the generated scenes run locally)")
         ray_opts = RayOptions(args.address, args.workers, args.cpus_per_worker, args.gpus_per_worker)

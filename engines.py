@@ -81,7 +81,8 @@ class BatchSegmenter:
         from .core.images import native_side
 
         self.args = argparse.Namespace(**options)
-        self.backend = load_backend(self.args.model, self.args.device)
+        device = self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.backend = load_backend(self.args.model, device)
         self.native = native_side(self.backend)
         self.cond = self.backend.encode_prompt(self.args.prompt) if self.args.prompt else None
 
@@ -288,6 +289,20 @@ def run_ray(options: dict[str, Any], batches: list[list[WorkItem]], opts: RayOpt
     for result in run_ray_tasks(BatchSegmenter, options, plain, opts, on_start):
         for f in result:
             yield Finished(**{k: tuple(v) if k == "outputs" else v for k, v in f.items()})
+
+
+def absolute_paths(options: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``options`` with the paths under ``keys`` made absolute: a Ray worker on another machine
+    (or in another folder) must find the same files."""
+    out = dict(options)
+    for key in keys:
+        value = out.get(key)
+        if not value:
+            continue
+        path = Path(str(value)).expanduser()
+        if path.exists() or key in ("out", "records"):      # output folders may not exist yet
+            out[key] = str(path.resolve())
+    return out
 
 
 def add_engine_arguments(p: argparse.ArgumentParser, batch_help: str, batch_default: int) -> None:

@@ -166,7 +166,7 @@ class EvalShard:
 
 def _run_on_ray(args: argparse.Namespace, records: ImageRecords) -> None:
     """Evaluate every image without a record on Ray, ``--batch-size`` images per task."""
-    from ..engines import RayOptions, run_ray_tasks
+    from ..engines import RayOptions, absolute_paths, run_ray_tasks
 
     methods = parse_methods(getattr(args, "methods", ",".join(DEFAULT_METHODS)))
     dataset = open_dataset(getattr(args, "dataset", "synthetic"), getattr(args, "data", None),
@@ -175,7 +175,7 @@ def _run_on_ray(args: argparse.Namespace, records: ImageRecords) -> None:
     todo = [i for i, name in enumerate(dataset.names()) if not records.has(name, methods)]
     batch = max(1, int(getattr(args, "batch_size", 8) or 8))
     batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
-    options = {k: v for k, v in vars(args).items() if k != "func"}
+    options = absolute_paths({k: v for k, v in vars(args).items() if k != "func"}, ("out", "records", "model", "data"))
     opts = RayOptions(getattr(args, "address", None), getattr(args, "workers", None),
                       getattr(args, "cpus_per_worker", None), getattr(args, "gpus_per_worker", None))
     done = 0

@@ -221,3 +221,25 @@ def test_a_killed_ray_run_resumes_with_only_the_missing_images(dozen, local_run,
     assert stems_done(rerun.stdout) == sorted(everything - recorded)
     assert f"{len(recorded)} images already done" in rerun.stdout
     assert labels_of(out) == labels_of(local_run)
+
+
+def test_ray_workers_get_absolute_paths_and_choose_their_own_device(dozen, tmp_path, monkeypatch):
+    """A worker on another machine or in another folder must find the same files, and a GPU
+    worker must not inherit a CPU-only driver's device."""
+    seen = {}
+
+    def fake_ray(options, batches, opts, on_start=None):
+        seen.update(options=options, batches=batches, opts=opts)
+        return iter(())
+    monkeypatch.setattr(engines, "run_ray", fake_ray)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    model = ROOT / "fixture" / "weights"
+    (tmp_path / "model" / "weights").symlink_to(model)
+    assert segment(str(dozen), "--out", "relative/out", "--model", "model/weights", *RAY, "--workers", "1") == 0
+    options = seen["options"]
+    assert options["out"] == str(tmp_path / "relative" / "out")
+    assert options["model"] == str(model.resolve())
+    assert options["device"] is None
+    assert seen["opts"] == RayOptions(None, 1, 2, None)
+    assert sum(len(b) for b in seen["batches"]) == 12
