@@ -13,7 +13,7 @@ Two shapes of the same maths:
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -105,10 +105,26 @@ def attention_with_head_mean(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"target must be [{b}, {nq}, {nk}], got {tuple(target.shape)}")
     # [B, heads, N, d] views; one (image, head) slice is a plain strided [N, d] matrix
     qh, kh, vh = (split_heads(x, heads).float() for x in (q, k, v))
-    scale = qh.shape[-1] ** -0.5
     out = torch.empty(b, heads, nq, vh.shape[-1], dtype=torch.float32, device=q.device)
+    for i, h, start, stop, probs in head_mean_chunks(qh, kh, target, weight, budget_bytes):
+        torch.mm(probs, vh[i, h], out=out[i, h, start:stop])
+    return merge_heads(out).to(q.dtype)
+
+
+def head_mean_chunks(qh: torch.Tensor, kh: torch.Tensor, target: torch.Tensor, weight: float = 1.0,
+                     budget_bytes: int = DEFAULT_CHUNK_BYTES
+                     ) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+    """``target += weight * mean over heads of softmax(Q Kᵀ / sqrt(d))``, one (image, query chunk,
+    head) at a time; yields ``(image, head, start, stop, probs)`` after each head's probabilities
+    ``[stop-start, Nk]`` float32 are added, so a caller can use them before the buffer is reused.
+
+    ``qh``: ``[B, heads, Nq, d]``; ``kh``: ``[B, heads, Nk, d]``; ``target``: ``[B, Nq, Nk]``.
+    """
+    b, heads, nq, d = qh.shape
+    nk = kh.shape[2]
     step = query_chunk(1, 1, nq, nk, budget_bytes)  # one (image, head) at a time
-    buffer = torch.empty(step * nk, dtype=torch.float32, device=q.device)
+    buffer = torch.empty(step * nk, dtype=torch.float32, device=qh.device)
+    scale = d ** -0.5
     alpha = weight / heads
     for i in range(b):
         for start in range(0, nq, step):
@@ -116,8 +132,8 @@ def attention_with_head_mean(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             probs = buffer[: (stop - start) * nk].view(stop - start, nk)
             rows = target[i, start:stop]
             for h in range(heads):
-                torch.addmm(probs, qh[i, h, start:stop], kh[i, h].t(), beta=0.0, alpha=scale, out=probs)
+                torch.addmm(probs, qh[i, h, start:stop].float(), kh[i, h].float().t(), beta=0.0, alpha=scale,
+                            out=probs)
                 torch.ops.aten._softmax.out(probs, -1, False, out=probs)
                 rows.add_(probs, alpha=alpha)
-                torch.mm(probs, vh[i, h], out=out[i, h, start:stop])
-    return merge_heads(out).to(q.dtype)
+                yield i, h, start, stop, probs
