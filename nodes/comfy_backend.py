@@ -335,3 +335,102 @@ def token_strings(clip: Any, tokens: dict) -> tuple[str | None, ...] | None:
         return tuple(out)
     return None
 
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT hosts (groundwork: Flux joint attention, not yet behind a node)
+# ---------------------------------------------------------------------------------------------
+
+def flux_blocks(model: Any) -> list[str]:
+    """Names of a Flux model's blocks in execution order (``double_block.i`` then
+    ``single_block.i``), or an :class:`UnsupportedModelError` for any other model."""
+    from comfy.ldm.flux.model import Flux
+
+    net = model.model.diffusion_model
+    if not isinstance(net, Flux):
+        raise UnsupportedModelError(f"{type(net).__name__} is not a Flux model")
+    return ([f"double_block.{i}" for i in range(len(net.double_blocks))]
+            + [f"single_block.{i}" for i in range(len(net.single_blocks))])
+
+
+def capture_flux_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[str, Any], sigma: float,
+                           blocks: list[str], image_size: tuple[int, int], seed: int = 0,
+                           budget_bytes: int | None = None) -> Any:
+    """One Flux pass at noise level ``sigma`` (rectified flow: ``x = sigma*noise + (1-sigma)*x0``,
+    through the model's own sampling object) folding the image->image attention of ``blocks``
+    into DiffSeg's aggregate (``core/joint_attention.py``).
+
+    Hooks, on a clone of ``model`` only: a ``patches_replace["dit"]`` wrapper per block names the
+    running block (and, in double blocks, the text length), chaining any replace patch already
+    there; ``transformer_options["optimized_attention_override"]`` sees q/k of every attention
+    call and hands the call on to any override another pack installed, else to the host's own
+    attention, so the prediction is unchanged. Image tokens are found by position after the text
+    tokens, never as "the last N" (reference latents follow the image).
+
+    Args:
+        latents: ``[B, C, h, w]`` model-space latents (``process_latent_in`` applied).
+        model_kwargs: what ``apply_model`` takes besides ``x``/``t`` (``c_crossattn``, ``y``,
+            ``guidance``, ``ref_latents``, ...).
+        blocks: names from :func:`flux_blocks`.
+    """
+    from ..core.attention import DEFAULT_CHUNK_BYTES
+    from ..core.joint_attention import JointAttentionCapture
+
+    available = flux_blocks(model)
+    unknown = [b for b in blocks if b not in available]
+    if unknown:
+        raise EmergentSegError(f"blocks {unknown} are not in this model ({len(available)} blocks: "
+                               f"{available[0]} .. {available[-1]})")
+    if not 0.0 < float(sigma) <= 1.0:
+        raise EmergentSegError(f"sigma must be in (0, 1] for a rectified-flow model, got {sigma}")
+    net = model.model.diffusion_model
+    patch = int(net.patch_size)
+    b, _, h, w = latents.shape
+    if h % patch or w % patch:
+        raise EmergentSegError(f"latent {w}x{h} is not a multiple of Flux's {patch}x{patch} patches")
+    grid = (h // patch, w // patch)
+    cap = JointAttentionCapture(batch=int(b), grid=grid, blocks=tuple(blocks), image_size=image_size,
+                                timestep=round(float(sigma) * 1000),
+                                budget_bytes=budget_bytes or DEFAULT_CHUNK_BYTES, device=latents.device)
+    state: dict[str, Any] = {"block": None, "txt": None}
+    clone = model.clone()
+    options = clone.model_options.setdefault("transformer_options", {})
+    existing = options.get("patches_replace", {}).get("dit", {})
+    for name in available:
+        kind, index = name.split(".")
+        clone.set_model_patch_replace(_block_tag(name, state, existing.get((kind, int(index)))), "dit", kind,
+                                      int(index))
+    previous = options.get("optimized_attention_override")
+
+    def override(func: Callable, *args: Any, **kwargs: Any) -> Any:
+        block = state["block"]
+        if block in cap.blocks and kwargs.get("skip_reshape") and state["txt"] is not None:
+            start = int(state["txt"])
+            cap.observe(block, args[0], args[1], slice(start, start + grid[0] * grid[1]))
+        return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+
+    clone.model_options["transformer_options"]["optimized_attention_override"] = override
+    mm.load_models_gpu([clone])
+    device = clone.load_device
+    ms = clone.get_model_object("model_sampling")
+    x0 = latents.to(device, torch.float32)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed))).to(device)
+    s = torch.full((int(b),), float(sigma), device=device)
+    x = ms.noise_scaling(s.view(-1, 1, 1, 1), noise, x0)
+    to = dict(clone.model_options["transformer_options"])
+    with torch.no_grad():
+        clone.model.apply_model(x, s, transformer_options=to, **model_kwargs)
+    return cap.result()
+
+
+def _block_tag(name: str, state: dict[str, Any], chained: Callable | None) -> Callable:
+    def patch(args: dict, extra: dict) -> dict:
+        mm.throw_exception_if_processing_interrupted()
+        state["block"] = name
+        if "txt" in args:                     # double blocks: text and image streams apart
+            state["txt"] = int(args["txt"].shape[1])
+        try:
+            return chained(args, extra) if chained is not None else extra["original_block"](args)
+        finally:
+            state["block"] = None
+    return patch

@@ -206,3 +206,22 @@ if __name__ == "__main__":  # build the cached checkpoint: COMFYUI_PATH=... pyth
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
     build_random_sd15()
+
+
+def tiny_flux_model(seed: int = 0):
+    """ModelPatcher around ComfyUI's Flux (dev layout: guidance embedding) at toy width: 2 double
+    and 2 single blocks, 2 heads of 32 channels, 32-dim text context, 16-dim pooled vector."""
+    import comfy.supported_models
+    config = comfy.supported_models.Flux({
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 16,
+        "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
+        "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+        "guidance_embed": True})
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    reset_weights(base.diffusion_model, seed)
+    with torch.no_grad():                      # Flux's RMSNorm scales are left uninitialised too
+        for name, param in base.diffusion_model.named_parameters():
+            if name.endswith("norm.scale"):
+                param.fill_(1.0)
+    return patcher_for(base.eval())
