@@ -338,45 +338,61 @@ def token_strings(clip: Any, tokens: dict) -> tuple[str | None, ...] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# DiT hosts (groundwork: Flux joint attention, not yet behind a node)
+# DiT hosts (groundwork: Flux and SD3 joint attention, not yet behind a node)
 # ---------------------------------------------------------------------------------------------
 
-def flux_blocks(model: Any) -> list[str]:
-    """Names of a Flux model's blocks in execution order (``double_block.i`` then
-    ``single_block.i``), or an :class:`UnsupportedModelError` for any other model."""
+def dit_blocks(model: Any) -> list[str]:
+    """Names of a DiT model's blocks in execution order: Flux ``double_block.i`` then
+    ``single_block.i``; SD3/SD3.5 (MMDiT) ``double_block.i``. Any other model is an
+    :class:`UnsupportedModelError`."""
     from comfy.ldm.flux.model import Flux
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
     net = model.model.diffusion_model
-    if not isinstance(net, Flux):
-        raise UnsupportedModelError(f"{type(net).__name__} is not a Flux model")
-    return ([f"double_block.{i}" for i in range(len(net.double_blocks))]
-            + [f"single_block.{i}" for i in range(len(net.single_blocks))])
+    if isinstance(net, Flux):
+        return ([f"double_block.{i}" for i in range(len(net.double_blocks))]
+                + [f"single_block.{i}" for i in range(len(net.single_blocks))])
+    if isinstance(net, MMDiT):
+        return [f"double_block.{i}" for i in range(len(net.joint_blocks))]
+    raise UnsupportedModelError(f"{type(net).__name__} is not a Flux or SD3 (MMDiT) model")
 
 
-def capture_flux_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[str, Any], sigma: float,
-                           blocks: list[str], image_size: tuple[int, int], seed: int = 0,
-                           budget_bytes: int | None = None) -> Any:
-    """One Flux pass at noise level ``sigma`` (rectified flow: ``x = sigma*noise + (1-sigma)*x0``,
-    through the model's own sampling object) folding the image->image attention of ``blocks``
-    into DiffSeg's aggregate (``core/joint_attention.py``).
+def _heads_first(x: torch.Tensor, kwargs: dict, args: tuple) -> torch.Tensor:
+    """q or k as ``[B, heads, N, d]``: Flux passes that already (``skip_reshape``); MMDiT passes
+    ``[B, N, heads*d]`` with ``heads``."""
+    if kwargs.get("skip_reshape"):
+        return x
+    heads = int(kwargs["heads"] if "heads" in kwargs else args[3])
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def capture_dit_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[str, Any], sigma: float,
+                          blocks: list[str], image_size: tuple[int, int], seed: int = 0,
+                          budget_bytes: int | None = None) -> Any:
+    """One DiT pass (Flux, SD3/SD3.5) at noise level ``sigma`` (rectified flow:
+    ``x = sigma*noise + (1-sigma)*x0``, through the model's own sampling object, shift included)
+    folding the image->image attention of ``blocks`` into DiffSeg's aggregate
+    (``core/joint_attention.py``).
 
     Hooks, on a clone of ``model`` only: a ``patches_replace["dit"]`` wrapper per block names the
-    running block (and, in double blocks, the text length), chaining any replace patch already
-    there; ``transformer_options["optimized_attention_override"]`` sees q/k of every attention
-    call and hands the call on to any override another pack installed, else to the host's own
-    attention, so the prediction is unchanged. Image tokens are found by position after the text
-    tokens, never as "the last N" (reference latents follow the image).
+    running block and its text length, chaining any replace patch already there;
+    ``transformer_options["optimized_attention_override"]`` sees q/k of every attention call and
+    hands the call on to any override another pack installed, else to the host's own attention,
+    so the prediction is unchanged. Image tokens are found by position after the text tokens,
+    never as "the last N" (Flux Kontext's reference latents follow the image). Only a block's
+    joint attention counts; SD3.5's extra image-only attention in some blocks is passed through.
 
     Args:
         latents: ``[B, C, h, w]`` model-space latents (``process_latent_in`` applied).
         model_kwargs: what ``apply_model`` takes besides ``x``/``t`` (``c_crossattn``, ``y``,
             ``guidance``, ``ref_latents``, ...).
-        blocks: names from :func:`flux_blocks`.
+        blocks: names from :func:`dit_blocks`.
     """
     from ..core.attention import DEFAULT_CHUNK_BYTES
     from ..core.joint_attention import JointAttentionCapture
 
-    available = flux_blocks(model)
+    available = dit_blocks(model)
     unknown = [b for b in blocks if b not in available]
     if unknown:
         raise EmergentSegError(f"blocks {unknown} are not in this model ({len(available)} blocks: "
@@ -387,8 +403,9 @@ def capture_flux_attention(model: Any, latents: torch.Tensor, model_kwargs: dict
     patch = int(net.patch_size)
     b, _, h, w = latents.shape
     if h % patch or w % patch:
-        raise EmergentSegError(f"latent {w}x{h} is not a multiple of Flux's {patch}x{patch} patches")
+        raise EmergentSegError(f"latent {w}x{h} is not a multiple of the model's {patch}x{patch} patches")
     grid = (h // patch, w // patch)
+    n_image = grid[0] * grid[1]
     cap = JointAttentionCapture(batch=int(b), grid=grid, blocks=tuple(blocks), image_size=image_size,
                                 timestep=round(float(sigma) * 1000),
                                 budget_bytes=budget_bytes or DEFAULT_CHUNK_BYTES, device=latents.device)
@@ -403,10 +420,12 @@ def capture_flux_attention(model: Any, latents: torch.Tensor, model_kwargs: dict
     previous = options.get("optimized_attention_override")
 
     def override(func: Callable, *args: Any, **kwargs: Any) -> Any:
-        block = state["block"]
-        if block in cap.blocks and kwargs.get("skip_reshape") and state["txt"] is not None:
-            start = int(state["txt"])
-            cap.observe(block, args[0], args[1], slice(start, start + grid[0] * grid[1]))
+        block, text = state["block"], state["txt"]
+        if block in cap.blocks and text is not None:
+            q = _heads_first(args[0], kwargs, args)
+            if q.shape[2] >= text + n_image:               # the joint attention, not an image-only one
+                k = _heads_first(args[1], kwargs, args)
+                cap.observe(block, q, k, slice(text, text + n_image))
         return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
 
     clone.model_options["transformer_options"]["optimized_attention_override"] = override

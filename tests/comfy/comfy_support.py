@@ -225,3 +225,23 @@ def tiny_flux_model(seed: int = 0):
             if name.endswith("norm.scale"):
                 param.fill_(1.0)
     return patcher_for(base.eval())
+
+
+def tiny_sd3_model(seed: int = 0):
+    """ModelPatcher around ComfyUI's SD3 (MMDiT) at toy width: 2 joint blocks (hidden 128, 2
+    heads), RMS q/k norms, and block 1 with SD3.5's extra image-only attention."""
+    import comfy.supported_models
+    config = comfy.supported_models.SD3({
+        "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+        "adm_in_channels": 32, "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None,
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+        "qk_norm": "rms", "x_block_self_attn_layers": [1]})
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    net = reset_weights(base.diffusion_model, seed)
+    with torch.no_grad():                      # left uninitialised by ComfyUI: norm scales, pos_embed
+        for name, param in net.named_parameters():
+            if name.endswith(("ln_q.weight", "ln_k.weight")):
+                param.fill_(1.0)
+        net.pos_embed.copy_(torch.randn(net.pos_embed.shape, generator=torch.Generator().manual_seed(seed)) * 0.02)
+    return patcher_for(base.eval())
