@@ -132,27 +132,22 @@ def prepare_output_folder(out: Path) -> None:
 
 
 def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
-    from .engines import (
-        RayOptions,
-        WorkItem,
-        plan_batches,
-        print_warning,
-        run_local,
-        run_ray,
-    )
+    from .engines import BatchSegmenter, RayOptions, WorkItem, plan_batches, print_warning, run_local, run_ray
 
     check_segment_args(args)
+    options = {k: v for k, v in vars(args).items() if k != "func"}
     items: list[WorkItem] = []
     pixels: dict[str, torch.Tensor] | None = None
+    worker = None
     if not args.images:
         if args.model:
             raise EmergentSegError("give at least one image to segment")
-        from .core.backends.loading import load_backend
-        from .core.images import native_side
+        if args.engine == "ray":
+            raise EmergentSegError("--engine ray segments files; give images (the generated scenes run locally)")
         from .fixture.scenes import make_scenes
 
-        native = native_side(load_backend(None, "cpu"))
-        pixels = {f"scene{i:02d}": s.image for i, s in enumerate(make_scenes(4, seed=1000, size=native))}
+        worker = BatchSegmenter(options)
+        pixels = {f"scene{i:02d}": s.image for i, s in enumerate(make_scenes(4, seed=1000, size=worker.native))}
         items = [WorkItem(stem, "") for stem in pixels]
     else:
         from .runs import output_stems
@@ -161,17 +156,13 @@ def run_segment(args: argparse.Namespace, bar: TerminalProgress) -> None:
     out = Path(args.out)
     resume = _Resume(args, out) if args.images else None
     todo = [it for it in items if resume is None or not resume.done(it.path)]
-    batches = plan_batches(todo, args.batch_size) if args.images else [todo[i:i + args.batch_size]
-                                                                         for i in range(0, len(todo), args.batch_size)]
-    options = {k: v for k, v in vars(args).items() if k != "func"}
+    batches = plan_batches(todo, args.batch_size)
     if args.engine == "ray":
         options = absolute_paths(options, ("out", "model"))
-        if pixels is not None:
-            raise EmergentSegError("--engine ray segments files; give images (the generated scenes run locally)")
         ray_opts = RayOptions(args.address, args.workers, args.cpus_per_worker, args.gpus_per_worker)
         finished = run_ray(options, batches, ray_opts, on_start=lambda line: print(line, file=sys.stderr))
     else:
-        finished = run_local(options, batches, bar, pixels)
+        finished = run_local(options, batches, bar, pixels, worker)
     for done in finished:
         print_warning(done.stem, done.warning)
         written = [Path(p) for p in done.outputs]

@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,8 @@ def plan_batches(items: list[WorkItem], batch_size: int) -> list[list[WorkItem]]
     passes; the order only makes that rare."""
     if batch_size < 1:
         raise EmergentSegError(f"--batch-size must be at least 1, got {batch_size}")
-    ordered = sorted(items, key=lambda it: shape_key(it.path)) if batch_size > 1 else list(items)
+    by_shape = batch_size > 1 and all(it.path for it in items)      # generated scenes have no file
+    ordered = sorted(items, key=lambda it: shape_key(it.path)) if by_shape else list(items)
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
@@ -115,7 +116,7 @@ class BatchSegmenter:
                 done.append(Finished(item.stem, item.path, tuple(str(p) for p in written), seg.counts[i],
                                      0.0, note))
         seconds = (time.perf_counter() - started) / max(1, len(done))
-        return [Finished(**{**asdict(f), "seconds": seconds}) for f in done]
+        return [replace(f, seconds=seconds) for f in done]
 
 
 def diffseg_overrides(args: argparse.Namespace) -> dict:
@@ -178,11 +179,13 @@ def write_outputs(out: Path, stem: str, image: torch.Tensor, seg) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 
 def run_local(options: dict[str, Any], batches: list[list[WorkItem]], progress: Callable[[], Progress],
-              images: dict[str, torch.Tensor] | None = None) -> Iterator[Finished]:
-    """Every batch in this process, one after another, with the terminal's progress bar."""
+              images: dict[str, torch.Tensor] | None = None,
+              worker: BatchSegmenter | None = None) -> Iterator[Finished]:
+    """Every batch in this process, one after another, with the terminal's progress bar
+    (``worker``: a model already loaded for these options; else one is loaded if there is work)."""
     if not batches:
         return
-    worker = BatchSegmenter(options)
+    worker = worker or BatchSegmenter(options)
     for batch in batches:
         yield from worker.segment(batch, progress, images)
 

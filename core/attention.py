@@ -118,7 +118,7 @@ def head_mean_chunks(qh: torch.Tensor, kh: torch.Tensor, target: torch.Tensor, w
     head) at a time; yields ``(image, head, start, stop, probs)`` after each head's probabilities
     ``[stop-start, Nk]`` float32 are added, so a caller can use them before the buffer is reused.
 
-    ``qh``: ``[B, heads, Nq, d]``; ``kh``: ``[B, heads, Nk, d]``; ``target``: ``[B, Nq, Nk]``.
+    ``qh``: ``[B, heads, Nq, d]``; ``kh``: ``[B, heads, Nk, d]``, both float32; ``target``: ``[B, Nq, Nk]``.
     """
     b, heads, nq, d = qh.shape
     nk = kh.shape[2]
@@ -132,8 +132,7 @@ def head_mean_chunks(qh: torch.Tensor, kh: torch.Tensor, target: torch.Tensor, w
             probs = buffer[: (stop - start) * nk].view(stop - start, nk)
             rows = target[i, start:stop]
             for h in range(heads):
-                torch.addmm(probs, qh[i, h, start:stop].float(), kh[i, h].float().t(), beta=0.0, alpha=scale,
-                            out=probs)
+                torch.addmm(probs, qh[i, h, start:stop], kh[i, h].t(), beta=0.0, alpha=scale, out=probs)
                 torch.ops.aten._softmax.out(probs, -1, False, out=probs)
                 rows.add_(probs, alpha=alpha)
                 yield i, h, start, stop, probs

@@ -34,7 +34,7 @@ def image_head_mean(q: torch.Tensor, k: torch.Tensor, image: slice, target: torc
         budget_bytes: memory for one head's query chunk of float32 probabilities.
     """
     b = int(q.shape[0])
-    qi, ki = q[:, :, image], k[:, :, image]
+    qi, ki = q[:, :, image].float(), k[:, :, image].float()
     n = int(qi.shape[2])
     if tuple(target.shape) != (b, n, n):
         raise EmergentSegError(f"the aggregate is {tuple(target.shape)} but this block has {n} image tokens "
@@ -67,8 +67,8 @@ class JointAttentionCapture:
     aggregate_dtype: torch.dtype = torch.float32
     budget_bytes: int = DEFAULT_CHUNK_BYTES
     device: torch.device | str = "cpu"
-    seen: dict[str, int] = field(default_factory=dict)
-    aggregate: torch.Tensor | None = None
+    seen: set[str] = field(default_factory=set)
+    aggregate: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.blocks:
@@ -81,16 +81,14 @@ class JointAttentionCapture:
     def observe(self, block: str, q: torch.Tensor, k: torch.Tensor, image: slice) -> None:
         if block not in self.blocks:
             return
-        if self.seen.get(block):
+        if block in self.seen:
             raise EmergentSegError(f"block {block} ran twice in one pass; the host repeated it (a batch split?)")
-        assert self.aggregate is not None
         image_head_mean(q, k, image, self.aggregate, 1.0 / len(self.blocks), self.budget_bytes)
-        self.seen[block] = 1
+        self.seen.add(block)
 
     def result(self) -> AttentionCapture:
-        missing = [b for b in self.blocks if not self.seen.get(b)]
+        missing = [b for b in self.blocks if b not in self.seen]
         if missing:
             raise EmergentSegError(f"blocks {missing} never ran; this model has no such blocks")
-        assert self.aggregate is not None
         level = LevelInfo(1, self.grid, len(self.blocks), 1.0)
         return AttentionCapture(self.aggregate, self.grid, self.image_size, (level,), timestep=int(self.timestep))

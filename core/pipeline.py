@@ -138,12 +138,7 @@ def refine_with_mapper(backend: Backend, images: torch.Tensor, seg: Segmentation
     the mapper's grid by majority vote, modulated, and the segment words carried over."""
     from dataclasses import replace
 
-    from .emerdiff import (
-        carry_words,
-        choose_site,
-        lowres_from_segmentation,
-        modulated_denoise_mapper,
-    )
+    from .emerdiff import carry_words, choose_site, lowres_from_segmentation, modulated_denoise_mapper
 
     check_images(backend, images)
     settings = settings or EmerDiffSettings.for_model(backend, image_side(images))

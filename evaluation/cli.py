@@ -76,6 +76,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser, batch_help="Ray: images per task (default 8)", batch_default=8)
 
 
+def _open_dataset(args: argparse.Namespace, size: int) -> Any:
+    """The dataset ``args`` name; ``size`` is the side of generated scenes (files keep theirs)."""
+    name = getattr(args, "dataset", "synthetic")
+    return open_dataset(name, getattr(args, "data", None), int(getattr(args, "scenes", 200) or 200),
+                        getattr(args, "limit", None), size=size if name == "synthetic" else None,
+                        seed=getattr(args, "scene_seed", None))
+
+
 def _setup(args: argparse.Namespace, device: str | None = None) -> dict[str, Any]:
     """What an evaluation of ``args`` needs: methods, backend, model size, dataset and settings
     (the same for this process and for every Ray worker)."""
@@ -88,10 +96,7 @@ def _setup(args: argparse.Namespace, device: str | None = None) -> dict[str, Any
         backend = load_backend(getattr(args, "model", None), device)
     size = getattr(args, "size", None)
     msize = int(size) if size else (model_size(backend) if backend is not None else 32)
-    dataset = open_dataset(getattr(args, "dataset", "synthetic"), getattr(args, "data", None),
-                           int(getattr(args, "scenes", 200) or 200), getattr(args, "limit", None),
-                           size=msize if getattr(args, "dataset", "synthetic") == "synthetic" else None,
-                           seed=getattr(args, "scene_seed", None))
+    dataset = _open_dataset(args, msize)
     settings = None
     if backend is not None:
         settings = diffseg_settings(backend, getattr(args, "tau", None), getattr(args, "tau_quantile", None),
@@ -169,9 +174,7 @@ def _run_on_ray(args: argparse.Namespace, records: ImageRecords) -> None:
     from ..engines import RayOptions, absolute_paths, run_ray_tasks
 
     methods = parse_methods(getattr(args, "methods", ",".join(DEFAULT_METHODS)))
-    dataset = open_dataset(getattr(args, "dataset", "synthetic"), getattr(args, "data", None),
-                           int(getattr(args, "scenes", 200) or 200), getattr(args, "limit", None),
-                           size=1, seed=getattr(args, "scene_seed", None))  # names only: no image is read
+    dataset = _open_dataset(args, 1)                        # names only: no image is read
     todo = [i for i, name in enumerate(dataset.names()) if not records.has(name, methods)]
     batch = max(1, int(getattr(args, "batch_size", 8) or 8))
     batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]

@@ -157,7 +157,7 @@ class SyntheticDataset:
         """Each sample's name, in order, without generating any scene."""
         return [f"scene{self.seed + i}" for i in range(self.n)]
 
-    def subset(self, indices: Sequence[int]) -> "SyntheticDataset":
+    def subset(self, indices: Sequence[int]) -> "_Subset":
         """The same dataset restricted to ``indices`` (a Ray worker's share)."""
         return _Subset(self, indices)
 

@@ -111,15 +111,15 @@ class ImageRecords:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.replayed = 0
 
-    def _path(self, sample: Sample) -> Path:
-        return self.folder / (sample.name.replace("/", "__").replace(os.sep, "__") + ".safetensors")
+    def _path(self, name: str) -> Path:
+        return self.folder / (name.replace("/", "__").replace(os.sep, "__") + ".safetensors")
 
     def has(self, name: str, methods: Sequence[str]) -> bool:
         """Whether the image ``name`` has a record of every method under this run key (reads the
         file's header only)."""
         from safetensors import safe_open
 
-        path = self.folder / (name.replace("/", "__").replace(os.sep, "__") + ".safetensors")
+        path = self._path(name)
         if not path.is_file():
             return False
         try:
@@ -134,7 +134,7 @@ class ImageRecords:
         """``{method: (labels, embeddings, seconds)}`` when every method is recorded under this run key."""
         from safetensors import safe_open
 
-        path = self._path(sample)
+        path = self._path(sample.name)
         if not path.is_file():
             return None
         try:
@@ -160,7 +160,7 @@ class ImageRecords:
             tensors[f"{m}/labels"] = labels.to(torch.int32).contiguous()
             tensors[f"{m}/embeddings"] = emb.contiguous()
         meta = {"run_key": self.run_key, "seconds": json.dumps({m: r[2] for m, r in results.items()})}
-        path = self._path(sample)
+        path = self._path(sample.name)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
