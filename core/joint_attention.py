@@ -92,3 +92,35 @@ class JointAttentionCapture:
             raise EmergentSegError(f"blocks {missing} never ran; this model has no such blocks")
         level = LevelInfo(1, self.grid, len(self.blocks), 1.0)
         return AttentionCapture(self.aggregate, self.grid, self.image_size, (level,), timestep=int(self.timestep))
+
+
+def parse_blocks(text: str, available: list[str], default: list[str]) -> list[str]:
+    """The DiT blocks a ``levels`` text names, in execution order.
+
+    ``""``/``"all"``/``"auto"`` -> ``default`` (the family's preset); ``"every"`` -> every block;
+    otherwise comma-separated items such as ``double 9-18``, ``single 0``, ``double_block.12``
+    or ``d9-18`` / ``s3`` (ranges inclusive)."""
+    import re
+
+    text = (text or "").strip().lower()
+    if text in ("", "all", "auto", "*"):
+        return list(default)
+    if text == "every":
+        return list(available)
+    counts = {kind: sum(1 for name in available if name.startswith(kind)) for kind in ("double", "single")}
+    listed = ", ".join(f"{kind} 0-{n - 1}" for kind, n in counts.items() if n)
+    chosen: set[str] = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        m = re.fullmatch(r"(double|single|d|s)(?:_blocks?)?[\s._]*(\d+)(?:\s*-\s*(\d+))?", item)
+        if m is None:
+            raise EmergentSegError(f"levels item '{item}' is not a block range; use 'all' (the model's "
+                                   f"preset), 'every', or items such as 'double 9-18' ({listed})")
+        kind = "double" if m.group(1).startswith("d") else "single"
+        first = int(m.group(2))
+        last = int(m.group(3)) if m.group(3) else first
+        if last < first or last >= counts[kind]:
+            raise EmergentSegError(f"levels '{item}' is outside this model's blocks ({listed or 'none'})")
+        chosen.update(f"{kind}_block.{i}" for i in range(first, last + 1))
+    if not chosen:
+        return list(default)
+    return [name for name in available if name in chosen]

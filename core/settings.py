@@ -85,6 +85,53 @@ DEFAULT_SIGMA = 4.0
 DEFAULT_MAX_BATCH = 21
 
 
+# --- DiT hosts (Flux, SD3/SD3.5) ------------------------------------------------------------
+@dataclass(frozen=True)
+class DitPreset:
+    """Provisional DiffSeg defaults for a DiT family. Chosen by reasoning, not measured: no real
+    Flux or SD3 weights exist where this project is tested, so treat them as starting points and
+    tune ``levels`` and ``sigma`` on your own model.
+
+    Attributes:
+        sigma: the rectified-flow noise level of the pass, in (0, 1]. A DiT's time embedding is
+            the noise level (x = sigma*noise + (1-sigma)*image), not SD's t = 300 of 1000.
+        double: the joint (double) blocks to read, as a fraction range of their count, so that
+            one preset serves every depth (Flux dev/schnell: 19; SD3 medium: 24; SD3.5 large: 38).
+        single: the same for Flux's single blocks (none by default).
+    """
+
+    family: str
+    sigma: float
+    double: tuple[float, float]
+    single: tuple[float, float] = (0.0, 0.0)
+
+    def blocks(self, n_double: int, n_single: int = 0) -> list[str]:
+        """Block names (``double_block.i``, ``single_block.i``) for a model of this depth; at
+        least one block whenever the model has any."""
+        def take(lo: float, hi: float, n: int) -> list[int]:
+            first, last = int(lo * n), round(hi * n)
+            return list(range(first, max(last, first + 1))) if hi > lo and n else []
+        names = [f"double_block.{i}" for i in take(*self.double, n_double)]
+        names += [f"single_block.{i}" for i in take(*self.single, n_single)]
+        return names or [f"double_block.{max(n_double - 1, 0) // 2}"]
+
+
+#: Flux: the later half of the double blocks, where image and text streams have mixed most
+#: while keeping separate weights; SD3/SD3.5: the middle half of the joint blocks (the first ones
+#: still see near-raw patches, the last ones are specialised for denoising detail). sigma 0.3 puts
+#: the pass at the same relative place in the schedule as DiffSeg's t = 300 of 1000.
+DIT_PRESETS: dict[str, DitPreset] = {
+    "flux": DitPreset("flux", sigma=0.3, double=(0.5, 1.0)),
+    "sd3": DitPreset("sd3", sigma=0.3, double=(0.25, 0.75)),
+}
+
+
+def dit_preset(family: str) -> DitPreset:
+    if family not in DIT_PRESETS:
+        raise EmergentSegError(f"no DiT preset for {family!r}; known: {', '.join(DIT_PRESETS)}")
+    return DIT_PRESETS[family]
+
+
 def preset(name: str) -> dict[str, Any]:
     """``{"steps", "difference"}`` of a :data:`QUALITY_PRESETS` entry (a copy)."""
     if name not in QUALITY_PRESETS:

@@ -39,9 +39,12 @@ log = logging.getLogger("emergent_seg")
 NEEDS_UNET = "emergent-seg needs an SD1.x/SD2.x/SDXL UNet model"
 _STAGES = {"input": "down", "middle": "mid", "output": "up"}
 # Scalar entries of a CONDITIONING dict that SDXL's size embedding reads (CLIPTextEncodeSDXL).
+# Flux's ``guidance`` (FluxGuidance) is a scalar entry too.
 _SCALAR_OPTIONS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height",
-                   "aesthetic_score")
+                   "aesthetic_score", "guidance")
 _OPT = "opt:"
+# Flux Kontext's ``reference_latents`` (a list of LATENT samples) travel as ``ref:<i>`` entries.
+_REF = "ref:"
 
 
 def site_key(block: str, number: int, depth: int, kind: str) -> str:
@@ -56,7 +59,8 @@ def model_sites(diffusion_model: torch.nn.Module, model_name: str = "") -> tuple
     name = model_name or type(diffusion_model).__name__
     if not all(hasattr(diffusion_model, a) for a in ("input_blocks", "middle_block", "output_blocks")):
         raise UnsupportedModelError(
-            f"the connected model is {name}, a DiT/Flux/SD3-style transformer, not a UNet; {NEEDS_UNET}")
+            f"the connected model is {name}, a DiT/Flux/SD3-style transformer, not a UNet; {NEEDS_UNET} "
+            "(Flux and SD3/SD3.5 models segment with Capture Attention -> KL Merge)")
     sites: list[AttentionSite] = []
     stride, downs = 1, 0
     counters = {"down": 0, "mid": 0, "up": 0}
@@ -124,50 +128,24 @@ def _tensor_entries(options: dict, batch: int) -> dict[str, torch.Tensor]:
             out[k] = v
         elif k in _SCALAR_OPTIONS and isinstance(v, (int, float)) and not isinstance(v, bool):
             out[_OPT + k] = torch.tensor([[float(v)]])
+        elif k == "reference_latents" and isinstance(v, (list, tuple)):
+            out.update({f"{_REF}{i}": t for i, t in enumerate(v) if isinstance(t, torch.Tensor)})
     return out
 
 
-class ComfyBackend:
-    """:class:`core.backend.Backend` over a ComfyUI ``ModelPatcher`` (MODEL).
-
-    Args:
-        model: the MODEL socket value. It is cloned for every pass and never modified.
-        vae: the VAE socket value, for :meth:`encode`/:meth:`decode` (optional when a LATENT is
-            given).
-        clip: the CLIP socket value, for :meth:`encode_prompt` and the empty prompt.
-        progress: polled for cancellation inside every hooked layer.
-    """
+class _HostModel:
+    """What every pass over a ComfyUI MODEL needs: the VAE, the text encoder, conditioning in the
+    form ``apply_model`` takes. Never modifies ``model``."""
 
     def __init__(self, model: Any, vae: Any = None, clip: Any = None,
                  progress: Progress | None = None) -> None:
-        base = getattr(model, "model", None)
-        diffusion_model = getattr(base, "diffusion_model", None)
-        if diffusion_model is None:
-            raise UnsupportedModelError(f"the MODEL input ({type(model).__name__}) has no diffusion "
-                                        f"model; {NEEDS_UNET}")
         self.model, self.vae, self.clip = model, vae, clip
         self.progress = progress
-        self._sites, self._downs = model_sites(diffusion_model, type(base).__name__)
-        self._by_key = {s.key: s for s in self._sites}
         ratio = getattr(vae, "downscale_ratio", 8)  # a callable for some video VAEs
         self.latent_scale = ratio if isinstance(ratio, int) else 8
         #: a user's checkpoint carries no stored defaults: the papers' values apply
         self.calibration: dict = {}
         self._empty: Conditioning | None = None
-
-    # --- Backend protocol -------------------------------------------------------------------
-    def sites(self) -> list[AttentionSite]:
-        return list(self._sites)
-
-    def size_multiple(self) -> int:
-        return self.latent_scale * 2 ** self._downs
-
-    def _model_sampling(self) -> Any:
-        return self.model.get_model_object("model_sampling")
-
-    def alphas_cumprod(self) -> torch.Tensor:
-        sigmas = self._model_sampling().sigmas.detach().to("cpu", torch.float64)
-        return 1.0 / (1.0 + sigmas ** 2)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,3,H,W]`` in [0,1] -> scaled latent (ComfyUI's VAE returns the posterior mean)."""
@@ -220,6 +198,68 @@ class ComfyBackend:
                         len(conditioning))
         context, options = conditioning[0][0], dict(conditioning[0][1])
         return Conditioning(context, _tensor_entries(options, context.shape[0]), None, prompt)
+
+    def _model_kwargs(self, patched: Any, cond: Conditioning, x: torch.Tensor,
+                      device: torch.device) -> dict[str, Any]:
+        """``apply_model`` keyword arguments from ``BaseModel.extra_conds`` (SDXL's ``y``, Flux's
+        ``guidance`` and reference latents too), the way the samplers build them
+        (``samplers.encode_model_conds``)."""
+        params: dict[str, Any] = {}
+        references: list[tuple[int, torch.Tensor]] = []
+        for k, v in cond.extra.items():
+            if k.startswith(_OPT):
+                params[k[len(_OPT):]] = v.reshape(-1)[0].item()
+            elif k.startswith(_REF):
+                references.append((int(k[len(_REF):]), v))
+            else:
+                params[k] = v
+        if references:
+            params["reference_latents"] = [v for _, v in sorted(references, key=lambda item: item[0])]
+        params.setdefault("width", x.shape[-1] * self.latent_scale)
+        params.setdefault("height", x.shape[-2] * self.latent_scale)
+        params.update(cross_attn=cond.context, device=device, noise=x, prompt_type="positive")
+        conds = patched.model.extra_conds(**params)
+        out = {}
+        for k, c in conds.items():
+            out[k] = c.process_cond(batch_size=x.shape[0], device=device, area=None).cond
+        return out
+
+
+class ComfyBackend(_HostModel):
+    """:class:`core.backend.Backend` over a ComfyUI ``ModelPatcher`` (MODEL) holding a UNet.
+
+    Args:
+        model: the MODEL socket value. It is cloned for every pass and never modified.
+        vae: the VAE socket value, for :meth:`encode`/:meth:`decode` (optional when a LATENT is
+            given).
+        clip: the CLIP socket value, for :meth:`encode_prompt` and the empty prompt.
+        progress: polled for cancellation inside every hooked layer.
+    """
+
+    def __init__(self, model: Any, vae: Any = None, clip: Any = None,
+                 progress: Progress | None = None) -> None:
+        base = getattr(model, "model", None)
+        diffusion_model = getattr(base, "diffusion_model", None)
+        if diffusion_model is None:
+            raise UnsupportedModelError(f"the MODEL input ({type(model).__name__}) has no diffusion "
+                                        f"model; {NEEDS_UNET}")
+        super().__init__(model, vae, clip, progress)
+        self._sites, self._downs = model_sites(diffusion_model, type(base).__name__)
+        self._by_key = {s.key: s for s in self._sites}
+
+    # --- Backend protocol -------------------------------------------------------------------
+    def sites(self) -> list[AttentionSite]:
+        return list(self._sites)
+
+    def size_multiple(self) -> int:
+        return self.latent_scale * 2 ** self._downs
+
+    def _model_sampling(self) -> Any:
+        return self.model.get_model_object("model_sampling")
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        sigmas = self._model_sampling().sigmas.detach().to("cpu", torch.float64)
+        return 1.0 / (1.0 + sigmas ** 2)
 
     def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                       hooks: PassHooks | None = None) -> torch.Tensor:
@@ -295,25 +335,6 @@ class ComfyBackend:
             return entry[1](entry[0], n)
         return patch
 
-    def _model_kwargs(self, patched: Any, cond: Conditioning, x: torch.Tensor,
-                      device: torch.device) -> dict[str, torch.Tensor]:
-        """``apply_model`` keyword arguments from ``BaseModel.extra_conds`` (SDXL's ``y`` too),
-        the way the samplers build them (``samplers.encode_model_conds``)."""
-        params: dict[str, Any] = {}
-        for k, v in cond.extra.items():
-            if k.startswith(_OPT):
-                params[k[len(_OPT):]] = v.reshape(-1)[0].item()
-            else:
-                params[k] = v
-        params.setdefault("width", x.shape[-1] * self.latent_scale)
-        params.setdefault("height", x.shape[-2] * self.latent_scale)
-        params.update(cross_attn=cond.context, device=device, noise=x, prompt_type="positive")
-        conds = patched.model.extra_conds(**params)
-        out = {}
-        for k, c in conds.items():
-            out[k] = c.process_cond(batch_size=x.shape[0], device=device, area=None).cond
-        return out
-
 
 def token_strings(clip: Any, tokens: dict) -> tuple[str | None, ...] | None:
     """The token string at every position of a ComfyUI tokenization (``clip.tokenize``), chunks
@@ -338,23 +359,103 @@ def token_strings(clip: Any, tokens: dict) -> tuple[str | None, ...] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# DiT hosts (groundwork: Flux and SD3 joint attention, not yet behind a node)
+# DiT hosts: Flux (incl. Chroma-style blocks) and SD3/SD3.5 joint attention
 # ---------------------------------------------------------------------------------------------
+
+#: ComfyUI releases before this one have no ``optimized_attention_override``.
+MIN_COMFY_FOR_DIT = "0.3.60"
+
+
+def dit_family(model: Any) -> str | None:
+    """``"flux"`` or ``"sd3"`` for a MODEL whose diffusion model is one of those DiT classes
+    (Chroma and Kontext reuse Flux's blocks), else ``None``."""
+    net = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if net is None:
+        return None
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+    if isinstance(net, Flux):
+        return "flux"
+    if isinstance(net, MMDiT):
+        return "sd3"
+    try:
+        from comfy.ldm.chroma.model import Chroma
+    except ImportError:  # pragma: no cover - older trees
+        return None
+    return "flux" if isinstance(net, Chroma) else None
+
+
+def require_attention_override() -> None:
+    """A clear error on ComfyUI releases that cannot hand attention calls to a pack."""
+    import comfy.ldm.modules.attention as host_attention
+
+    if not hasattr(host_attention, "wrap_attn"):
+        try:
+            from comfyui_version import __version__ as found
+        except ImportError:
+            found = "an older release"
+        raise UnsupportedModelError(f"reading a Flux/SD3 model's attention needs ComfyUI {MIN_COMFY_FOR_DIT} "
+                                    f"or newer (this is {found}); update ComfyUI")
+
 
 def dit_blocks(model: Any) -> list[str]:
     """Names of a DiT model's blocks in execution order: Flux ``double_block.i`` then
     ``single_block.i``; SD3/SD3.5 (MMDiT) ``double_block.i``. Any other model is an
     :class:`UnsupportedModelError`."""
-    from comfy.ldm.flux.model import Flux
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
-
+    family = dit_family(model)
     net = model.model.diffusion_model
-    if isinstance(net, Flux):
+    if family == "flux":
         return ([f"double_block.{i}" for i in range(len(net.double_blocks))]
                 + [f"single_block.{i}" for i in range(len(net.single_blocks))])
-    if isinstance(net, MMDiT):
+    if family == "sd3":
         return [f"double_block.{i}" for i in range(len(net.joint_blocks))]
     raise UnsupportedModelError(f"{type(net).__name__} is not a Flux or SD3 (MMDiT) model")
+
+
+class ComfyDitBackend(_HostModel):
+    """A Flux or SD3/SD3.5 MODEL for DiffSeg's capture: the same VAE and text handling as
+    :class:`ComfyBackend`, with joint-attention blocks in place of a UNet's attention sites.
+
+    ``sites()`` lists every block as a self-attention site on the one patch grid (stride = the
+    patch size), which is what the size and memory checks read."""
+
+    def __init__(self, model: Any, vae: Any = None, clip: Any = None,
+                 progress: Progress | None = None) -> None:
+        family = dit_family(model)
+        if family is None:
+            raise UnsupportedModelError(f"the MODEL input ({type(model).__name__}) is not a Flux or SD3 model")
+        require_attention_override()
+        super().__init__(model, vae, clip, progress)
+        self.family = family
+        net = model.model.diffusion_model
+        self.patch = int(net.patch_size)
+        self.blocks = dit_blocks(model)
+        heads = int(getattr(net, "num_heads", 0) or getattr(net.joint_blocks[0].x_block.attn, "num_heads", 1)) \
+            if family == "sd3" else int(net.num_heads)
+        self._sites = [AttentionSite(name, "self", self.patch, heads, i, "mid", i, 0, None)
+                       for i, name in enumerate(self.blocks)]
+
+    def sites(self) -> list[AttentionSite]:
+        return list(self._sites)
+
+    def size_multiple(self) -> int:
+        return self.latent_scale * self.patch
+
+    def default_blocks(self) -> list[str]:
+        from ..core.settings import dit_preset
+
+        doubles = sum(1 for b in self.blocks if b.startswith("double"))
+        return dit_preset(self.family).blocks(doubles, len(self.blocks) - doubles)
+
+    def capture(self, latents: torch.Tensor, cond: Conditioning, sigma: float, blocks: list[str],
+                image_size: tuple[int, int], seed: int = 0) -> Any:
+        """DiffSeg's aggregate over ``blocks`` (:func:`capture_dit_attention`) for scaled latents."""
+        device = mm.get_torch_device()
+        x = latents.to(device, torch.float32)
+        kwargs = self._model_kwargs(self.model, cond, x, device)
+        return capture_dit_attention(self.model, latents, kwargs, sigma, blocks, image_size, seed=seed,
+                                     progress=self.progress)
 
 
 def _heads_first(x: torch.Tensor, kwargs: dict, args: tuple) -> torch.Tensor:
@@ -369,7 +470,7 @@ def _heads_first(x: torch.Tensor, kwargs: dict, args: tuple) -> torch.Tensor:
 
 def capture_dit_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[str, Any], sigma: float,
                           blocks: list[str], image_size: tuple[int, int], seed: int = 0,
-                          budget_bytes: int | None = None) -> Any:
+                          budget_bytes: int | None = None, progress: Progress | None = None) -> Any:
     """One DiT pass (Flux, SD3/SD3.5) at noise level ``sigma`` (rectified flow:
     ``x = sigma*noise + (1-sigma)*x0``, through the model's own sampling object, shift included)
     folding the image->image attention of ``blocks`` into DiffSeg's aggregate
@@ -388,15 +489,19 @@ def capture_dit_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[
         model_kwargs: what ``apply_model`` takes besides ``x``/``t`` (``c_crossattn``, ``y``,
             ``guidance``, ``ref_latents``, ...).
         blocks: names from :func:`dit_blocks`.
+        progress: advanced once per block, polled for Cancel.
     """
     from ..core.attention import DEFAULT_CHUNK_BYTES
     from ..core.joint_attention import JointAttentionCapture
 
+    require_attention_override()
     available = dit_blocks(model)
     unknown = [b for b in blocks if b not in available]
     if unknown:
         raise EmergentSegError(f"blocks {unknown} are not in this model ({len(available)} blocks: "
                                f"{available[0]} .. {available[-1]})")
+    if not blocks:
+        raise EmergentSegError("choose at least one block to read attention from")
     if not 0.0 < float(sigma) <= 1.0:
         raise EmergentSegError(f"sigma must be in (0, 1] for a rectified-flow model, got {sigma}")
     net = model.model.diffusion_model
@@ -409,14 +514,16 @@ def capture_dit_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[
     cap = JointAttentionCapture(batch=int(b), grid=grid, blocks=tuple(blocks), image_size=image_size,
                                 timestep=round(float(sigma) * 1000),
                                 budget_bytes=budget_bytes or DEFAULT_CHUNK_BYTES, device=latents.device)
+    if progress is not None:
+        progress.grow(len(available))
     state: dict[str, Any] = {"block": None, "txt": None}
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
     existing = options.get("patches_replace", {}).get("dit", {})
     for name in available:
         kind, index = name.split(".")
-        clone.set_model_patch_replace(_block_tag(name, state, existing.get((kind, int(index)))), "dit", kind,
-                                      int(index))
+        clone.set_model_patch_replace(_block_tag(name, state, existing.get((kind, int(index))), progress),
+                                      "dit", kind, int(index))
     previous = options.get("optimized_attention_override")
 
     def override(func: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -437,12 +544,14 @@ def capture_dit_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[
     s = torch.full((int(b),), float(sigma), device=device)
     x = ms.noise_scaling(s.view(-1, 1, 1, 1), noise, x0)
     to = dict(clone.model_options["transformer_options"])
+    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in model_kwargs.items()}
     with torch.no_grad():
-        clone.model.apply_model(x, s, transformer_options=to, **model_kwargs)
+        clone.model.apply_model(x, s, transformer_options=to, **kwargs)
     return cap.result()
 
 
-def _block_tag(name: str, state: dict[str, Any], chained: Callable | None) -> Callable:
+def _block_tag(name: str, state: dict[str, Any], chained: Callable | None,
+               progress: Progress | None = None) -> Callable:
     def patch(args: dict, extra: dict) -> dict:
         mm.throw_exception_if_processing_interrupted()
         state["block"] = name
@@ -452,4 +561,6 @@ def _block_tag(name: str, state: dict[str, Any], chained: Callable | None) -> Ca
             return chained(args, extra) if chained is not None else extra["original_block"](args)
         finally:
             state["block"] = None
+            if progress is not None:
+                progress.advance()
     return patch

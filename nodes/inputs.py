@@ -32,11 +32,21 @@ IMAGE_SOURCE_INPUTS: tuple[Input, ...] = (
 
 
 def make_backend(model: Any, vae: Any = None, clip: Any = None, progress: Progress | None = None,
-                 backend_factory: Callable[..., Any] | None = None) -> Any:
-    """The backend over the MODEL socket value (ComfyBackend unless a test substitutes one)."""
+                 backend_factory: Callable[..., Any] | None = None, allow_dit: bool = False) -> Any:
+    """The backend over the MODEL socket value: ComfyBackend for a UNet, ComfyDitBackend for a
+    Flux/SD3 model when the node supports DiT hosts (``allow_dit``), unless a test substitutes
+    ``backend_factory``."""
     if backend_factory is None:
-        from .comfy_backend import ComfyBackend as backend_factory
+        from .comfy_backend import ComfyBackend, ComfyDitBackend, dit_family
+
+        backend_factory = ComfyDitBackend if allow_dit and dit_family(model) else ComfyBackend
     return backend_factory(model, vae=vae, clip=clip, progress=progress)
+
+
+def is_dit(backend: Any) -> bool:
+    """Whether a backend reads a DiT's joint-attention blocks (ComfyDitBackend) rather than a
+    UNet's attention sites."""
+    return callable(getattr(backend, "default_blocks", None))
 
 
 def stack_images(image: Any) -> torch.Tensor:

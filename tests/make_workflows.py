@@ -56,7 +56,7 @@ def _note(wf: Workflow, pos: tuple[float, float], text: str, size: tuple[float, 
 
 def _capture_merge(wf: Workflow, ckpt: int, scale: int, x: float, y: float) -> tuple[int, int]:
     capture = wf.node("EmergentSegCaptureAttention", (x, y),
-                      {}, size=(400, 236))
+                      {}, size=(400, 262))
     wf.link(ckpt, "MODEL", capture, "model")
     wf.link(scale, "IMAGE", capture, "image")
     wf.link(ckpt, "VAE", capture, "vae")

@@ -109,3 +109,41 @@ def test_oracle_planted_regions_are_recovered_exactly_by_kl_merge():
     # the same partition: a one-to-one map between predicted and planted ids
     pairs = set(zip(centres.reshape(-1).tolist(), regions.reshape(-1).tolist()))
     assert len(pairs) == 3 and len({p for p, _ in pairs}) == 3
+
+
+def test_block_choices_parse_ranges_presets_and_errors():
+    from emergent_seg.core.joint_attention import parse_blocks
+
+    available = [f"double_block.{i}" for i in range(4)] + [f"single_block.{i}" for i in range(3)]
+    preset = ["double_block.2", "double_block.3"]
+    assert parse_blocks("all", available, preset) == preset
+    assert parse_blocks("", available, preset) == preset
+    assert parse_blocks("every", available, preset) == available
+    assert parse_blocks("single 2, double 1-2", available, preset) == [
+        "double_block.1", "double_block.2", "single_block.2"]
+    assert parse_blocks("double_block.3, s0-1, d0", available, preset) == [
+        "double_block.0", "double_block.3", "single_block.0", "single_block.1"]
+    with pytest.raises(EmergentSegError, match="outside this model's blocks"):
+        parse_blocks("double 2-4", available, preset)
+    with pytest.raises(EmergentSegError, match="outside"):
+        parse_blocks("single 0", available[:4], preset)
+    with pytest.raises(EmergentSegError, match="not a block range"):
+        parse_blocks("64, 32", available, preset)
+    with pytest.raises(EmergentSegError, match="outside"):
+        parse_blocks("double 3-1", available, preset)
+
+
+def test_dit_presets_scale_with_depth_and_never_come_back_empty():
+    from emergent_seg.core.settings import DIT_PRESETS, dit_preset
+
+    flux, sd3 = dit_preset("flux"), dit_preset("sd3")
+    assert flux.blocks(19, 38) == [f"double_block.{i}" for i in range(9, 19)]
+    assert sd3.blocks(24) == [f"double_block.{i}" for i in range(6, 18)]
+    assert sd3.blocks(38) == [f"double_block.{i}" for i in range(9, 28)]
+    for p in DIT_PRESETS.values():
+        assert 0 < p.sigma <= 1
+        for depth in (1, 2, 3, 5):
+            names = p.blocks(depth, depth)
+            assert names and all(int(n.split(".")[1]) < depth for n in names)
+    with pytest.raises(EmergentSegError, match="no DiT preset"):
+        dit_preset("hunyuan")

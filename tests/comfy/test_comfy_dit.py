@@ -135,3 +135,104 @@ def test_bad_requests_are_clear_errors(models):
     with pytest.raises(EmergentSegError, match="not a multiple"):
         capture_dit_attention(flux, torch.randn(1, 16, 5, 10), conditioning("flux"), 0.6, ["double_block.0"],
                               (40, 80))
+
+
+# --- the nodes on DiT models -------------------------------------------------------------------
+
+def comfy_conditioning(family: str, **options) -> list:
+    """A CONDITIONING as CLIP Text Encode (+ FluxGuidance) would give it for the tiny models."""
+    kw = conditioning(family)
+    extra = {"pooled_output": kw["y"], **options}
+    if family == "flux":
+        extra.setdefault("guidance", 3.5)
+    return [[kw["c_crossattn"], extra]]
+
+
+def sample_fn(model, family: str):
+    """One fixed KSampler call (seed 7, 2 euler steps) on ``model``, as a user's graph would run it."""
+    import nodes as comfy_nodes  # ComfyUI's nodes.py
+
+    pos, neg = comfy_conditioning(family), comfy_conditioning(family)
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+
+    def sample() -> torch.Tensor:
+        return comfy_nodes.common_ksampler(model, 7, 2, 2.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+    return sample
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_capture_kl_merge_and_mask_output_nodes_run_on_dit_models(models, family):
+    """Capture Attention -> KL Merge -> Mask Output on a DiT MODEL with a LATENT of odd size and a
+    CONDITIONING; the capture equals the groundwork function on the same conditioning, the default
+    blocks are the family preset, and a KSampler run on the user's MODEL is bit-identical after
+    every node."""
+    from emergent_seg.core.settings import dit_preset
+    from emergent_seg.nodes import capture as capture_node
+    from emergent_seg.nodes import kl_merge, mask_output
+    from emergent_seg.nodes.comfy_backend import ComfyDitBackend
+
+    model = models[family]
+    sample = sample_fn(model, family)
+    before = sample()
+    samples = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(4))
+    cond = comfy_conditioning(family)
+    cap = capture_node.run(model, latent={"samples": samples}, conditioning=cond, levels="all").outputs[0]
+    backend = ComfyDitBackend(model)
+    assert backend.default_blocks() == dit_preset(family).blocks(2, 2 if family == "flux" else 0)
+    assert [(level.grid, level.layers) for level in cap.levels] == [((3, 5), len(backend.default_blocks()))]
+    assert cap.image_size == (48, 80) and cap.self_attention.shape == (2, 15, 15)
+    assert torch.allclose(cap.self_attention.sum(-1), torch.ones(2, 15), atol=1e-5)
+
+    x = backend.latent_in(samples)
+    kwargs = backend._model_kwargs(model, backend.from_conditioning(cond), x, torch.device("cpu"))
+    if family == "flux":
+        assert torch.equal(kwargs["guidance"], torch.full((2,), 3.5))
+    direct = capture_dit_attention(model, x, kwargs, dit_preset(family).sigma, backend.default_blocks(), (48, 80))
+    assert torch.equal(cap.self_attention, direct.self_attention)
+
+    every = capture_node.run(model, latent={"samples": samples}, conditioning=cond, levels="every",
+                             sigma=0.5).outputs[0]
+    assert every.levels[0].layers == len(dit_blocks(model)) and every.timestep == 500
+    assert not torch.equal(every.self_attention, cap.self_attention)
+
+    seg = kl_merge.run(cap, tau=0.5).outputs[0]
+    assert seg.labels.shape == (2, 48, 80)
+    masks = mask_output.run(seg, selection="all").outputs[0]
+    assert masks.dtype == torch.float32 and masks.shape[-2:] == (48, 80)
+    assert float(masks.min()) >= 0 and float(masks.max()) <= 1
+    assert torch.equal(sample(), before)
+
+
+def test_flux_guidance_and_reference_latents_reach_the_model(models):
+    """FluxGuidance's scalar and Kontext's reference latents in a CONDITIONING change the pass."""
+    from emergent_seg.nodes import capture as capture_node
+
+    model = models["flux"]
+    samples = torch.randn(1, 16, 6, 10, generator=torch.Generator().manual_seed(5))
+    plain = capture_node.run(model, latent={"samples": samples}, conditioning=comfy_conditioning("flux"),
+                             levels="every").outputs[0].self_attention
+    guided = capture_node.run(model, latent={"samples": samples}, levels="every",
+                              conditioning=comfy_conditioning("flux", guidance=9.0)).outputs[0].self_attention
+    reference = capture_node.run(
+        model, latent={"samples": samples}, levels="every",
+        conditioning=comfy_conditioning("flux", reference_latents=[torch.randn(1, 16, 4, 4)])).outputs[0]
+    assert not torch.equal(plain, guided)
+    assert not torch.equal(plain, reference.self_attention)
+    assert torch.allclose(reference.self_attention.sum(-1), torch.ones(1, 15), atol=1e-5)
+
+
+def test_dit_node_errors_are_clear(models):
+    from emergent_seg.nodes import capture as capture_node
+    from emergent_seg.nodes import lowres_kmeans
+
+    model = models["sd3"]
+    latent = {"samples": torch.randn(1, 16, 6, 10)}
+    cond = comfy_conditioning("sd3")
+    with pytest.raises(EmergentSegError, match="outside this model's blocks"):
+        capture_node.run(model, latent=latent, conditioning=cond, levels="double 1-4")
+    with pytest.raises(EmergentSegError, match="not a block range"):
+        capture_node.run(model, latent=latent, conditioning=cond, levels="64, 32")
+    with pytest.raises(EmergentSegError, match="sigma must be in"):
+        capture_node.run(model, latent=latent, conditioning=cond, sigma=1.5)
+    with pytest.raises(UnsupportedModelError, match="Capture Attention -> KL Merge"):
+        lowres_kmeans.run(model, latent=latent, conditioning=cond)
