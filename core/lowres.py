@@ -42,10 +42,14 @@ def choose_site(backend: Backend | Sequence[AttentionSite], latent_hw: tuple[int
     order) and its ``depth``-th transformer block. ``site.grid(latent_hw)`` tells which grid was
     used.
 
+    A backend without a UNet decoder (a DiT) names its own site with ``emerdiff_site``.
+
     Raises:
         UnsupportedModelError: the UNet has no decoder cross-attention.
         EmergentSegError: ``layer`` or ``depth`` do not exist at that resolution.
     """
+    if hasattr(backend, "emerdiff_site"):
+        return backend.emerdiff_site(latent_hw, grid, layer, depth)  # type: ignore[union-attr]
     sites = backend.sites() if hasattr(backend, "sites") else list(backend)  # type: ignore[union-attr]
     up = [s for s in select(sites, kind="cross", stage="up")
           if s.grid(latent_hw)[0] > 0 and s.grid(latent_hw)[1] > 0]

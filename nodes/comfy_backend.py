@@ -457,15 +457,168 @@ class ComfyDitBackend(_HostModel):
         return capture_dit_attention(self.model, latents, kwargs, sigma, blocks, image_size, seed=seed,
                                      progress=self.progress)
 
+    # --- EmerDiff on DiT (experimental) -----------------------------------------------------
+    # The core's EmerDiff code speaks SD's language: integer timesteps 0..999, a VP schedule
+    # (alphas_cumprod) and an epsilon prediction. A rectified-flow model maps onto it exactly:
+    # at noise level s, x_flow = (1-s)*x0 + s*eps, and x_vp = x_flow / sqrt((1-s)^2 + s^2) has
+    # alpha_cumprod = (1-s)^2 / ((1-s)^2 + s^2). Timestep t stands for the model's own noise level
+    # at that fraction of its schedule (shift included).
+
+    def _sigma_of_timesteps(self) -> torch.Tensor:
+        ms = self.model.get_model_object("model_sampling")
+        return torch.tensor([float(ms.percent_to_sigma(1.0 - (t + 1) / 1000.0)) for t in range(1000)],
+                            dtype=torch.float64).clamp(1e-6, 1.0)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        s = self._sigma_of_timesteps()
+        return (1 - s) ** 2 / ((1 - s) ** 2 + s ** 2)
+
+    def emerdiff_block(self) -> str:
+        """The block EmerDiff reads features from and modulates: the middle joint (double) block."""
+        doubles = [b for b in self.blocks if b.startswith("double")]
+        return doubles[len(doubles) // 2]
+
+    def emerdiff_site(self, latent_hw: tuple[int, int], grid: Any = 0, layer: int = 0, depth: int = 0) -> AttentionSite:
+        """The mapper's site on a DiT (``core.lowres.choose_site`` asks the backend): the
+        :meth:`emerdiff_block` on the full token grid, whatever grid or layer was asked for."""
+        name = self.emerdiff_block()
+        return next(s for s in self._sites if s.key == name)
+
+    def predict_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                      hooks: PassHooks | None = None) -> torch.Tensor:
+        """Epsilon in the VP form above. Attention hooks of a block receive its attention calls as
+        ``q, k, v [B, N, heads*d]`` over the whole sequence (text, image, reference tokens) and
+        return its output; output hooks receive the image rows ``[B, h*w, heads*d]`` of the
+        block's joint attention output (before the projection)."""
+        return self._predict(self.model, latents, timesteps, cond, hooks)
+
+    def _predict(self, base: Any, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                 hooks: PassHooks | None) -> torch.Tensor:
+        """:meth:`predict_noise` on a clone of ``base`` (the user's MODEL, or a clone of it that
+        carries a reading patch to chain)."""
+        hooks = hooks or PassHooks()
+        unknown = (hooks.attention.keys() | hooks.output.keys()) - set(self.blocks)
+        if unknown:
+            raise EmergentSegError(f"unknown DiT blocks: {sorted(unknown)[:3]}")
+        h, w = latents.shape[-2:]
+        n_image = (h // self.patch) * (w // self.patch)
+        table = self._sigma_of_timesteps()
+        sigma = table[timesteps.detach().cpu().long()].to(torch.float32)
+        scale = ((1 - sigma) ** 2 + sigma ** 2).sqrt()
+        by_key = {site.key: site for site in self._sites}
+        state: dict[str, Any] = {"block": None, "txt": None}
+        clone = base.clone()
+        options = clone.model_options.setdefault("transformer_options", {})
+        existing = options.get("patches_replace", {}).get("dit", {})
+        for name in self.blocks:
+            kind, index = name.split(".")
+            clone.set_model_patch_replace(_block_tag(name, state, existing.get((kind, int(index)))),
+                                          "dit", kind, int(index))
+        previous = options.get("optimized_attention_override")
+
+        def override(func: Callable, *args: Any, **kwargs: Any) -> Any:
+            block, text = state["block"], state["txt"]
+            attention_fn = hooks.attention.get(block)
+            output_fn = hooks.output.get(block)
+            if attention_fn is None and output_fn is None:
+                return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+            self._check_cancel()
+            site = by_key[block]
+            if attention_fn is not None:
+                q, k, v = (_tokens_last(_heads_first(t, kwargs, args)) for t in args[:3])
+                out = attention_fn(site, q, k, v)
+            else:
+                out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+                if kwargs.get("skip_output_reshape"):
+                    out = _tokens_last(out)
+            if output_fn is not None and text is not None and out.shape[1] >= text + n_image:
+                out = out.clone()
+                out[:, text:text + n_image] = output_fn(site, out[:, text:text + n_image])
+            if kwargs.get("skip_output_reshape"):
+                heads = _heads_first(args[0], kwargs, args).shape[1]
+                out = out.view(out.shape[0], out.shape[1], heads, -1).transpose(1, 2)
+            return out
+
+        clone.model_options["transformer_options"]["optimized_attention_override"] = override
+        mm.load_models_gpu([clone])
+        device = clone.load_device
+        s = sigma.to(device)
+        x = latents.to(device, torch.float32) * scale.to(device).view(-1, 1, 1, 1)
+        kwargs = self._model_kwargs(clone, cond, x, device)
+        to = dict(clone.model_options["transformer_options"])
+        with torch.no_grad():
+            denoised = clone.model.apply_model(x, s, transformer_options=to, **kwargs).float()
+        s4 = s.view(-1, 1, 1, 1)
+        eps = (x - (1 - s4) * denoised) / s4
+        return eps.to(latents.device)
+
+    def _check_cancel(self) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        if self.progress is not None:
+            self.progress.check()
+
+    def lowres_kmeans(self, latents: torch.Tensor, cond: Conditioning, k: int, timestep: int, seed: int,
+                      grid: int, image_size: tuple[int, int]) -> Any:
+        """EmerDiff's low-res k-means on a DiT (experimental): the image-stream tokens entering
+        :meth:`emerdiff_block` (no rotary position in them), at ``timestep`` of the model's schedule
+        with seeded noise, averaged onto a grid at 1/32 of the image side (or ``grid`` cells per
+        side), then seeded k-means. ``lowres`` is that grid; ``lowres_layer`` is the block index."""
+        from ..core.lowres import add_noise, kmeans_labels, upsample_labels
+        from ..core.segmentation import Segmentation
+
+        b, _, h, w = latents.shape
+        tokens = (h // self.patch, w // self.patch)
+        if grid > 0:
+            target = (min(grid, tokens[0]), min(grid, tokens[1]))
+        else:
+            target = tuple(max(1, round(side * self.latent_scale / 32)) for side in (h, w))
+            target = (min(target[0], tokens[0]), min(target[1], tokens[1]))
+        if not 1 <= k <= target[0] * target[1]:
+            raise EmergentSegError(f"K = {k} segments requested but the {target[0]}x{target[1]} low-res grid "
+                                   f"has only {target[0] * target[1]} cells; use 1 <= K <= {target[0] * target[1]}")
+        name = self.emerdiff_block()
+        kind, index = name.split(".")
+        n = tokens[0] * tokens[1]
+        captured: list[torch.Tensor] = []
+        user = self.model
+        chained = user.model_options.get("transformer_options", {}).get("patches_replace", {}) \
+            .get("dit", {}).get((kind, int(index)))
+
+        def read(args: dict, extra: dict) -> dict:
+            captured.append(args["img"][:, :n].detach().float().clone())   # a double block's image stream
+            return chained(args, extra) if chained is not None else extra["original_block"](args)
+
+        x_t = add_noise(self, latents, int(timestep), seed).to(latents.dtype)
+        t = torch.full((b,), int(timestep), dtype=torch.long)
+        reading = user.clone()
+        reading.set_model_patch_replace(read, "dit", kind, int(index))
+        self._predict(reading, x_t, t, cond, None)          # chains `read` under its block tag
+        if len(captured) != 1:
+            raise EmergentSegError(f"the feature block {name} ran {len(captured)} times in one pass")
+        feats = captured[0].view(b, tokens[0], tokens[1], -1).permute(0, 3, 1, 2)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(feats, target)
+        low = kmeans_labels(pooled.flatten(2).transpose(1, 2), target, int(k), int(seed))
+        info = {"grid": list(target), "grid_requested": [int(grid), int(grid)], "site": name,
+                "layer": int(index), "timestep": int(timestep), "k": int(k), "seed": int(seed),
+                "evaluations": int(b), "vae_decodes": 0, "experimental": "EmerDiff on a DiT"}
+        return Segmentation.from_labels(upsample_labels(low, image_size), method="emerdiff-kmeans",
+                                        lowres=low, lowres_layer=int(index), info=info)
+
 
 def _heads_first(x: torch.Tensor, kwargs: dict, args: tuple) -> torch.Tensor:
-    """q or k as ``[B, heads, N, d]``: Flux passes that already (``skip_reshape``); MMDiT passes
-    ``[B, N, heads*d]`` with ``heads``."""
+    """q, k or v as ``[B, heads, N, d]``: Flux passes that already (``skip_reshape``); MMDiT passes
+    ``[B, N, heads*d]`` (v: ``[B, N, heads, d]``) with ``heads``."""
     if kwargs.get("skip_reshape"):
         return x
     heads = int(kwargs["heads"] if "heads" in kwargs else args[3])
+    x = x.reshape(x.shape[0], x.shape[1], -1)          # MMDiT's v arrives as [B, N, heads, d]
     b, n, c = x.shape
     return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _tokens_last(x: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, N, d]`` -> ``[B, N, heads*d]`` (the layout of a UNet's attention calls)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
 
 def capture_dit_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[str, Any], sigma: float,

@@ -30,10 +30,12 @@ SPEC = NodeSpec(
         "VAE, and gives every pixel to the segment whose nudge changed it most. Takes Low-Res KMeans "
         "output, or any segmentation (e.g. KL Merge's), which is pooled to the block's grid "
         "automatically; segment words carry over. Cost per image: fast = K+1 UNet evaluations, "
-        "faithful = about 30 (2K+1) as the paper. The model itself is not changed."),
+        "faithful = about 30 (2K+1) as the paper. The model itself is not changed. Flux and "
+        "SD3/SD3.5 (experimental): the nudge goes into the image rows of the middle joint block's "
+        "attention output, on its full token grid."),
     inputs=(
-        Input("model", MODEL, "The diffusion model (SD1.x, SD2.x or SDXL); the same one that made the "
-              "low-res segmentation works best."),
+        Input("model", MODEL, "The diffusion model (SD1.x, SD2.x or SDXL; Flux and SD3/SD3.5 "
+              "experimentally); the same one that made the low-res segmentation works best."),
         Input("vae", VAE, "The checkpoint's VAE: decodes every modulated result (and encodes the image)."),
         Input("image", IMAGE, "The segmented images (the size and batch of the segmentation).",
               optional=True),
@@ -96,7 +98,7 @@ def run(model: Any, vae: Any, image: torch.Tensor | None = None, latent: dict | 
     settings = EmerDiffSettings(quality=quality, lam=float(lam), t_m=int(t_m), sigma=float(sigma),
                                 inject=inject, max_batch=int(max_batch))
     progress = host_progress()
-    backend = make_backend(model, vae, clip, progress, backend_factory)
+    backend = make_backend(model, vae, clip, progress, backend_factory, allow_dit=True)
     batch, height, width = latent_size(backend, image, latent, name)
     if latent is not None:  # an image of any size is fitted; a latent must fit as it is
         check_size(backend, height, width)

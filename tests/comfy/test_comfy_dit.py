@@ -223,7 +223,6 @@ def test_flux_guidance_and_reference_latents_reach_the_model(models):
 
 def test_dit_node_errors_are_clear(models):
     from emergent_seg.nodes import capture as capture_node
-    from emergent_seg.nodes import lowres_kmeans
 
     model = models["sd3"]
     latent = {"samples": torch.randn(1, 16, 6, 10)}
@@ -234,5 +233,100 @@ def test_dit_node_errors_are_clear(models):
         capture_node.run(model, latent=latent, conditioning=cond, levels="64, 32")
     with pytest.raises(EmergentSegError, match="sigma must be in"):
         capture_node.run(model, latent=latent, conditioning=cond, sigma=1.5)
-    with pytest.raises(UnsupportedModelError, match="Capture Attention -> KL Merge"):
-        lowres_kmeans.run(model, latent=latent, conditioning=cond)
+
+
+# --- EmerDiff on DiT models (experimental) ---------------------------------------------------
+
+class ToyVAE:
+    """Stands in for a 16-channel VAE in the mapper's decodes (plumbing only)."""
+
+    downscale_ratio = 8
+
+    def decode(self, latents):
+        return torch.nn.functional.interpolate(latents[:, :3], scale_factor=8).movedim(1, -1).sigmoid()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_dit_predict_noise_is_the_flow_prediction_in_vp_form(models, family):
+    """No hooks: epsilon from the plain rectified-flow prediction, x_flow = x_vp * sqrt((1-s)^2+s^2),
+    eps = (x_flow - (1-s) x0) / s, and alphas_cumprod = (1-s)^2 / ((1-s)^2+s^2)."""
+    from emergent_seg.nodes.comfy_backend import ComfyDitBackend
+
+    model = models[family]
+    backend = ComfyDitBackend(model)
+    alphas = backend.alphas_cumprod()
+    assert alphas.shape == (1000,) and bool((alphas[1:] < alphas[:-1]).all())
+    ms = model.get_model_object("model_sampling")
+    s = float(ms.percent_to_sigma(1.0 - 282 / 1000))
+    assert abs(float(alphas[281]) - (1 - s) ** 2 / ((1 - s) ** 2 + s ** 2)) < 1e-9
+    x = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(6))
+    cond = backend.from_conditioning(comfy_conditioning(family))
+    eps = backend.predict_noise(x, torch.full((2,), 281), cond)
+    flow = x * ((1 - s) ** 2 + s ** 2) ** 0.5
+    kwargs = backend._model_kwargs(model, cond, flow, torch.device("cpu"))
+    x0 = predict(model, flow, s, kwargs)
+    assert torch.allclose(eps, (flow - (1 - s) * x0) / s, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_dit_injection_with_zero_lambda_reproduces_the_unmodulated_pass(models, family):
+    """The mapper's hooks on a DiT: every member replays the reference's q/k (only values differ),
+    the modulation goes into the image rows of one block's attention output. lambda = 0 and the
+    replay give the unmodulated prediction; lambda != 0 changes it; a pre-installed override runs."""
+    from emergent_seg.core.backend import PassHooks
+    from emergent_seg.core.mapper import injection_hooks, modulation_hook
+    from emergent_seg.nodes.comfy_backend import ComfyDitBackend
+
+    user = models[family].clone()
+    calls: list = []
+    user.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = recorder(calls)
+    backend = ComfyDitBackend(user)
+    site = backend.emerdiff_site((6, 10))
+    cond = backend.from_conditioning(comfy_conditioning(family))
+    x = torch.randn(1, 16, 6, 10, generator=torch.Generator().manual_seed(7)).expand(3, -1, -1, -1)
+    t = torch.full((3,), 281)
+    plain = backend.predict_noise(x[:1], t[:1], cond)
+    assert calls                                            # the other pack's override saw the plain pass
+    masks = torch.zeros(3, 15)
+    masks[:, :7] = 1.0
+    inject = injection_hooks(backend.sites(), 0)
+    zero = backend.predict_noise(x, t, cond, PassHooks(inject.attention, {
+        site.key: modulation_hook(site, masks, torch.zeros(3))}))
+    assert torch.allclose(zero, plain.expand(3, -1, -1, -1), atol=1e-4)
+    moved = backend.predict_noise(x, t, cond, PassHooks(inject.attention, {
+        site.key: modulation_hook(site, masks, torch.tensor([0.0, 10.0, -10.0]))}))
+    assert torch.allclose(moved[0], plain[0], atol=1e-4)
+    assert not torch.allclose(moved[1], plain[0], atol=1e-2) and not torch.allclose(moved[2], plain[0], atol=1e-2)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_lowres_kmeans_and_mapper_nodes_run_on_dit_models(models, family):
+    """Low-Res KMeans -> Modulated Denoise Mapper on a DiT MODEL: the k-means grid is 1/32 of the
+    image side, the features are the image stream entering the middle joint block (a replace
+    patch another pack put there still runs), and a KSampler run on the user's MODEL is
+    bit-identical afterwards."""
+    from emergent_seg.nodes import lowres_kmeans, mapper
+
+    model = models[family]
+    sample = sample_fn(model, family)
+    before = sample()
+    seen: list = []
+
+    def other_pack(args, extra):
+        seen.append(args["img"].shape)
+        return extra["original_block"](args)
+    user = model.clone()
+    user.set_model_patch_replace(other_pack, "dit", "double_block", 1)
+    latent = {"samples": torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(8))}
+    cond = comfy_conditioning(family)
+    seg, info = lowres_kmeans.run(user, latent=latent, conditioning=cond, clusters=3).outputs
+    assert seen == [(1, 24, seen[0][2])]                    # 4x6 image tokens entered block 1, once
+    assert tuple(seg.lowres.shape) == (1, 2, 3) and seg.labels.shape == (1, 64, 96)
+    assert seg.info["site"] == "double_block.1" and "experimental" in info
+    out, summary = mapper.run(user, ToyVAE(), latent=latent, segmentation=seg, conditioning=cond,
+                              sigma=0.0).outputs
+    assert out.labels.shape == (1, 64, 96) and 1 <= out.counts[0] <= 3
+    assert "double_block.1" in summary
+    assert torch.equal(sample(), before)
+    with pytest.raises(EmergentSegError, match="low-res grid"):
+        lowres_kmeans.run(user, latent=latent, conditioning=cond, clusters=7)
