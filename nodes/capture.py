@@ -66,8 +66,9 @@ SPEC = NodeSpec(
               "there. Flux/SD3: 'all' = the family's default blocks (Flux: the later half of the double "
               "blocks; SD3: the middle half), 'every' = all blocks, or ranges such as 'double 9-18, "
               "single 0-4'.", default="all"),
-        Input("sigma", FLOAT, "Flux/SD3 only: the noise level of the pass, 0-1 (the image is mixed "
-              "with seeded noise as sigma*noise + (1-sigma)*image, with the model's own shift). 0 = the "
+        Input("sigma", FLOAT, "Flux/SD3 only: the noise level of the pass, 0-1. The image is mixed "
+              "with seeded noise as sigma*noise + (1-sigma)*image, as the model's sampler does at that "
+              "level (the model's shift maps steps to levels; here you pick the level itself). 0 = the "
               "family's preset (0.3). Ignored for SD1.x/SD2.x/SDXL, which use timestep.",
               optional=True, default=0.0, min=0.0, max=1.0, step=0.01),
     ),
