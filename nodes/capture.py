@@ -11,7 +11,7 @@ from ..core.errors import EmergentSegError
 from ..core.joint_attention import parse_blocks
 from ..core.settings import DIFFSEG_TIMESTEP, dit_preset
 from ..core.sites import AttentionSite
-from ..core.words import label_words
+from ..core.words import is_label_word, label_words, prompt_words
 from .inputs import (
     IMAGE_SOURCE_INPUTS,
     conditioning_from,
@@ -53,7 +53,8 @@ SPEC = NodeSpec(
         Input("clip", CLIP, "The checkpoint's CLIP. Encodes the prompt, or the empty prompt DiffSeg "
               "uses when the prompt is blank. Needed unless conditioning is connected.", optional=True),
         Input("prompt", STRING, "Optional text for the pass, e.g. a caption of the image. Words of it "
-              "(minus stopwords) become segment labels in KL Merge. Blank = DiffSeg's unconditional "
+              "(minus stopwords) become segment labels in KL Merge (on Flux/SD3 each word also runs "
+              "as its own concept token, ConceptAttention's way). Blank = DiffSeg's unconditional "
               "pass.", optional=True, default="", multiline=True),
         Input("conditioning", CONDITIONING, "Use this conditioning instead of CLIP + prompt (no word "
               "labels then, since its text is unknown).", optional=True),
@@ -131,4 +132,7 @@ def run_dit(backend: Any, image: torch.Tensor | None, latent: dict | None, clip:
     latents, image_size = latents_from(backend, image, latent, SPEC.display_name)
     cond = conditioning_from(backend, clip, prompt, conditioning, SPEC.display_name)
     noise_level = float(sigma) if float(sigma) > 0 else dit_preset(backend.family).sigma
-    return NodeResult((backend.capture(latents, cond, noise_level, blocks, image_size),))
+    words: list[str] = []
+    if conditioning is None and clip is not None:     # words only when the pass's text is known
+        words = list(dict.fromkeys(w for w in prompt_words(prompt or "") if is_label_word(w)))
+    return NodeResult((backend.capture(latents, cond, noise_level, blocks, image_size, words=words),))

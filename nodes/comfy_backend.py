@@ -15,12 +15,11 @@ How a pass works:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
-
-import torch
+from typing import Any, Callable, Sequence
 
 import comfy.model_management as mm
 import comfy.utils
+import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
@@ -449,13 +448,42 @@ class ComfyDitBackend(_HostModel):
         return dit_preset(self.family).blocks(doubles, len(self.blocks) - doubles)
 
     def capture(self, latents: torch.Tensor, cond: Conditioning, sigma: float, blocks: list[str],
-                image_size: tuple[int, int], seed: int = 0) -> Any:
-        """DiffSeg's aggregate over ``blocks`` (:func:`capture_dit_attention`) for scaled latents."""
+                image_size: tuple[int, int], seed: int = 0, words: Sequence[str] = ()) -> Any:
+        """DiffSeg's aggregate over ``blocks`` (:func:`capture_dit_attention`) for scaled latents.
+
+        With ``words``, the same pass also runs each word as a concept token beside the text
+        stream (``nodes/dit_concepts.py``, ConceptAttention's recipe; the image never attends to
+        them) and keeps the per-word maps as the capture's cross-attention, so KL Merge names
+        segments after the words."""
+        from dataclasses import replace
+
+        from ..core.capture import CrossAttentionLevel
+        from .dit_concepts import (
+            FluxConceptStream,
+            MMDiTConceptStream,
+            clip_concept_embeddings,
+        )
+
         device = mm.get_torch_device()
         x = latents.to(device, torch.float32)
         kwargs = self._model_kwargs(self.model, cond, x, device)
-        return capture_dit_attention(self.model, latents, kwargs, sigma, blocks, image_size, seed=seed,
-                                     progress=self.progress)
+        if not words:
+            return capture_dit_attention(self.model, latents, kwargs, sigma, blocks, image_size, seed=seed,
+                                         progress=self.progress)
+        if self.clip is None:
+            raise EmergentSegError("naming segments after words needs the checkpoint's CLIP")
+        concepts = clip_concept_embeddings(self.clip, list(words)).to(device, torch.float32)
+        net = self.model.model.diffusion_model
+        grid = (int(latents.shape[-2]) // self.patch, int(latents.shape[-1]) // self.patch)
+        if self.family == "flux":
+            stream: Any = FluxConceptStream(net, concepts, None, grid, y=kwargs.get("y"))
+        else:
+            stream = MMDiTConceptStream(net, concepts, None, grid)
+        cap = capture_dit_attention(self.model, latents, kwargs, sigma, blocks, image_size, seed=seed,
+                                    progress=self.progress, also=(stream.install,))
+        maps = stream.result().to(cap.self_attention.device)
+        level = CrossAttentionLevel(grid, len(stream.chosen), maps)
+        return replace(cap, cross=(level,), tokens=tuple(words), prompt=" ".join(words))
 
     # --- EmerDiff on DiT (experimental) -----------------------------------------------------
     # The core's EmerDiff code speaks SD's language: integer timesteps 0..999, a VP schedule
@@ -606,12 +634,13 @@ class ComfyDitBackend(_HostModel):
 
 
 def _heads_first(x: torch.Tensor, kwargs: dict, args: tuple) -> torch.Tensor:
-    """q, k or v as ``[B, heads, N, d]``: Flux passes that already (``skip_reshape``); MMDiT passes
-    ``[B, N, heads*d]`` (v: ``[B, N, heads, d]``) with ``heads``."""
+    """q, k or v of an attention call as ``[B, heads, N, d]``: Flux passes them so
+    (``skip_reshape``); MMDiT passes q/k as ``[B, N, heads*d]`` and v as ``[B, N, heads, d]``."""
     if kwargs.get("skip_reshape"):
         return x
+    if x.ndim == 4:
+        return x.transpose(1, 2)
     heads = int(kwargs["heads"] if "heads" in kwargs else args[3])
-    x = x.reshape(x.shape[0], x.shape[1], -1)          # MMDiT's v arrives as [B, N, heads, d]
     b, n, c = x.shape
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
@@ -623,7 +652,8 @@ def _tokens_last(x: torch.Tensor) -> torch.Tensor:
 
 def capture_dit_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[str, Any], sigma: float,
                           blocks: list[str], image_size: tuple[int, int], seed: int = 0,
-                          budget_bytes: int | None = None, progress: Progress | None = None) -> Any:
+                          budget_bytes: int | None = None, progress: Progress | None = None,
+                          also: Sequence[Callable[[Any], None]] = ()) -> Any:
     """One DiT pass (Flux, SD3/SD3.5) at noise level ``sigma`` (rectified flow:
     ``x = sigma*noise + (1-sigma)*x0``, through the model's own sampling object, shift included)
     folding the image->image attention of ``blocks`` into DiffSeg's aggregate
@@ -643,6 +673,8 @@ def capture_dit_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[
             ``guidance``, ``ref_latents``, ...).
         blocks: names from :func:`dit_blocks`.
         progress: advanced once per block, polled for Cancel.
+        also: more hook installers run on the same clone after ours (e.g. a concept stream's
+            ``install``), so one pass serves them all.
     """
     from ..core.attention import DEFAULT_CHUNK_BYTES
     from ..core.joint_attention import JointAttentionCapture
@@ -689,18 +721,29 @@ def capture_dit_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[
         return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
 
     clone.model_options["transformer_options"]["optimized_attention_override"] = override
+    for install in also:
+        install(clone)
+    run_dit_pass(clone, latents, model_kwargs, sigma, seed)
+    return cap.result()
+
+
+def run_dit_pass(clone: Any, latents: torch.Tensor, model_kwargs: dict[str, Any], sigma: float, seed: int) -> None:
+    """One forward of ``clone`` (a hooked clone of the user's model) at noise level ``sigma``:
+    ``x = sigma*noise + (1-sigma)*x0`` through the model's sampling object, the noise
+    ``torch.randn`` from a CPU generator seeded with ``seed`` (the same on every device)."""
+    if not 0.0 < float(sigma) <= 1.0:
+        raise EmergentSegError(f"sigma must be in (0, 1] for a rectified-flow model, got {sigma}")
     mm.load_models_gpu([clone])
     device = clone.load_device
     ms = clone.get_model_object("model_sampling")
     x0 = latents.to(device, torch.float32)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed))).to(device)
-    s = torch.full((int(b),), float(sigma), device=device)
+    s = torch.full((int(latents.shape[0]),), float(sigma), device=device)
     x = ms.noise_scaling(s.view(-1, 1, 1, 1), noise, x0)
     to = dict(clone.model_options["transformer_options"])
     kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in model_kwargs.items()}
     with torch.no_grad():
         clone.model.apply_model(x, s, transformer_options=to, **kwargs)
-    return cap.result()
 
 
 def _block_tag(name: str, state: dict[str, Any], chained: Callable | None,

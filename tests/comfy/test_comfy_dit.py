@@ -330,3 +330,73 @@ def test_lowres_kmeans_and_mapper_nodes_run_on_dit_models(models, family):
     assert torch.equal(sample(), before)
     with pytest.raises(EmergentSegError, match="low-res grid"):
         lowres_kmeans.run(user, latent=latent, conditioning=cond, clusters=7)
+
+
+# --- words on DiT models: concept tokens in the capture's pass ---------------------------------
+
+class WordClip:
+    """A CLIP stand-in with ComfyUI's interface for the tiny models: a prompt encodes to a fixed
+    random context (+ pooled vector); a word alone tokenizes as ``l`` (start, word, end) and
+    ``t5xxl`` (word, end, padding) and encodes to a seeded random row per word. ``family="sd3"``
+    joins the CLIP and T5 sequences as SD3's encoder does."""
+
+    def __init__(self, family: str):
+        self.family = family
+
+    def tokenize(self, text, return_word_ids=False):
+        words = text.split() or [""]
+        t5 = [(10 + i, 1.0, i + 1) for i in range(len(words))] + [(1, 1.0, 0)]
+        t5 += [(0, 1.0, 0)] * (8 - len(t5))
+        return {"l": [[(49406, 1.0, 0)] + [(5, 1.0, i + 1) for i in range(len(words))] + [(49407, 1.0, 0)]],
+                "t5xxl": [t5], "text": text}
+
+    def encode_from_tokens(self, tokens):
+        g = torch.Generator().manual_seed(sum(map(ord, tokens["text"])) + 1)
+        rows = len(tokens["t5xxl"][0]) + (len(tokens["l"][0]) if self.family == "sd3" else 0)
+        return torch.randn(1, rows, 32, generator=g)
+
+    def encode_from_tokens_scheduled(self, tokens):
+        return comfy_conditioning(self.family)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_prompt_words_run_as_concept_tokens_in_the_capture_pass(models, family):
+    """Capture Attention with CLIP and a prompt on a DiT: the label words run as concept tokens in
+    the same pass. The aggregate is the one without words (the image never sees them), the maps
+    equal the standalone concept pass, and KL Merge names segments after the words, selectable
+    by word in Mask Output; the user's MODEL samples bit-identically afterwards."""
+    from emergent_seg.core.settings import dit_preset
+    from emergent_seg.nodes import capture as capture_node
+    from emergent_seg.nodes import kl_merge, mask_output
+    from emergent_seg.nodes.comfy_backend import ComfyDitBackend
+    from emergent_seg.nodes.dit_concepts import clip_concept_embeddings, flux_concept_maps, mmdit_concept_maps
+
+    model = models[family]
+    sample = sample_fn(model, family)
+    before = sample()
+    clip = WordClip(family)
+    samples = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(9))
+    cap = capture_node.run(model, latent={"samples": samples}, clip=clip, prompt="a red dog on the grass",
+                           levels="every").outputs[0]
+    plain = capture_node.run(model, latent={"samples": samples}, conditioning=comfy_conditioning(family),
+                             levels="every").outputs[0]
+    assert cap.tokens == ("red", "dog", "grass") and plain.cross == ()
+    assert torch.equal(cap.self_attention, plain.self_attention)
+    maps = cap.cross[0].maps
+    assert maps.shape == (2, 15, 3) and torch.allclose(maps.sum(-1), torch.ones(2, 15), atol=1e-5)
+
+    backend = ComfyDitBackend(model)
+    x = backend.latent_in(samples)
+    kwargs = backend._model_kwargs(model, backend.from_conditioning(comfy_conditioning(family)), x,
+                                   torch.device("cpu"))
+    concepts = clip_concept_embeddings(clip, ["red", "dog", "grass"])
+    standalone = (flux_concept_maps if family == "flux" else mmdit_concept_maps)(
+        model, x, kwargs, dit_preset(family).sigma, concepts)
+    assert torch.allclose(maps, standalone, atol=1e-5)
+
+    seg = kl_merge.run(cap, tau=0.5).outputs[0]
+    assert seg.words and all(w in ("red", "dog", "grass") for image in seg.words for w in image)
+    word = seg.words[0][0]
+    picked = mask_output.run(seg.select(0), selection=word).outputs[0]
+    assert float(picked[0].sum()) > 0
+    assert torch.equal(sample(), before)
