@@ -1,4 +1,4 @@
-"""``core.backend.Backend`` over a ComfyUI ModelPatcher: the only module that touches comfy internals.
+"""``core.backend.Backend`` over a ComfyUI ModelPatcher: with ``dit_concepts.py``, the only modules touching comfy internals.
 
 How a pass works:
 - Every :meth:`ComfyBackend.predict_noise` clones the user's ModelPatcher and installs attention

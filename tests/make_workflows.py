@@ -263,7 +263,83 @@ def segments_to_detailer() -> Workflow:
     return wf
 
 
-WORKFLOWS = (diffseg_segment, emerdiff_segment, inpaint_segment, diffseg_refined_by_mapper)
+#: The SD3.5 checkpoint ComfyUI's own SD3.5 template loads (MMDiT + VAE + CLIP-L/G + T5-XXL fp8).
+DIT_CHECKPOINT = "sd3.5_large_fp8_scaled.safetensors"
+DIT_CHECKPOINT_MODELS = {"models": [{
+    "name": DIT_CHECKPOINT,
+    "url": "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
+           "sd3.5_large_fp8_scaled.safetensors?download=true",
+    "directory": "checkpoints"}]}
+DIT_SIZE = 1024              # SD3.5's and Flux's native size: 64x64 patches of 16 px
+
+
+def dit_inpaint_segment() -> Workflow:
+    """inpaint_segment on a DiT host (SD3.5 by default; the note says how to connect Flux)."""
+    wf = Workflow("dit_inpaint_segment")
+    ckpt = wf.node("CheckpointLoaderSimple", (0, 0), {"ckpt_name": DIT_CHECKPOINT}, size=(315, 98),
+                   properties=DIT_CHECKPOINT_MODELS)
+    image = wf.node("LoadImage", (0, 140), {"image": IMAGE}, size=(315, 330))
+    scale = wf.node("ImageScale", (345, 140),
+                    {"upscale_method": "area", "width": DIT_SIZE, "height": DIT_SIZE, "crop": "center"},
+                    size=(270, 130))
+    wf.link(image, "IMAGE", scale, "image")
+    _note(wf, (0, 520), (
+        "Segment and inpaint with a DiT (SD3/SD3.5 or Flux): no UNet, no extra model.\n\n"
+        "Capture Attention reads the image->image part of the model's joint attention in one pass "
+        "at noise level sigma (0 = the family's preset); levels 'all' = the family's default "
+        "blocks. KL Merge groups it into segments, Mask Output picks the largest one (largest:1), "
+        "grows it by 16 px and feathers it; the sampler repaints it from the prompt and the result "
+        "is blended back. 1024 px is the native size of SD3.5 and Flux (a 64x64 attention grid).\n\n"
+        "SD3.5: this is the checkpoint of ComfyUI's SD3.5 template (text encoders inside); "
+        "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors works the same. A checkpoint without "
+        "text encoders (sd3.5_large.safetensors) needs a TripleCLIPLoader (clip_g, clip_l, t5xxl) "
+        "on the CLIP inputs.\n\n"
+        "Flux dev: load flux1-dev-fp8.safetensors here, or replace Load Checkpoint with Load "
+        "Diffusion Model (flux1-dev.safetensors) -> MODEL, DualCLIPLoader (clip_l, t5xxl_fp16, "
+        "type flux) -> CLIP and Load VAE (ae.safetensors) -> VAE, wired to the same inputs. Set "
+        "the KSampler's cfg to 1.0 and its scheduler to simple (Flux dev has no negative prompt; its "
+        "guidance, 3.5, is built in: add FluxGuidance to change it). With Flux Fill, use "
+        "InpaintModelConditioning instead of VAE Encode (for Inpainting).\n\n"
+        f"{SELECTION_HELP}"), size=(615, 420))
+    _capture, merge = _capture_merge(wf, ckpt, scale, 660, 0)
+    out = _mask_output(wf, merge, scale, (1100, 0), selection="largest:1", grow=16, feather=16)
+    mask = wf.node("MaskPreview", (1100, 640), size=(380, 360), title="Mask Preview (inpaint area)")
+    wf.link(out, "mask", mask, "mask")
+    pos = wf.node("CLIPTextEncode", (1520, 0), {"text": "a dramatic sunset sky with glowing orange "
+                                                "clouds, highly detailed"}, size=(400, 160),
+                  title="CLIP Text Encode (positive)", color="#232", bgcolor="#353")
+    wf.link(ckpt, "CLIP", pos, "clip")
+    neg = wf.node("CLIPTextEncode", (1520, 200), {"text": "blurry, low quality, watermark, text"},
+                  size=(400, 160), title="CLIP Text Encode (negative)", color="#322", bgcolor="#533")
+    wf.link(ckpt, "CLIP", neg, "clip")
+    enc = wf.node("VAEEncodeForInpaint", (1520, 400), {"grow_mask_by": 6}, size=(400, 100))
+    wf.link(scale, "IMAGE", enc, "pixels")
+    wf.link(ckpt, "VAE", enc, "vae")
+    wf.link(out, "mask", enc, "mask")
+    sampler = wf.node("KSampler", (1960, 0),
+                      {"seed": 42, "control_after_generate": "fixed", "steps": 20, "cfg": 4.0,
+                       "sampler_name": "euler", "scheduler": "sgm_uniform", "denoise": 1.0}, size=(315, 262))
+    wf.link(ckpt, "MODEL", sampler, "model")
+    wf.link(pos, "CONDITIONING", sampler, "positive")
+    wf.link(neg, "CONDITIONING", sampler, "negative")
+    wf.link(enc, "LATENT", sampler, "latent_image")
+    dec = wf.node("VAEDecode", (1960, 300), size=(210, 46))
+    wf.link(sampler, "LATENT", dec, "samples")
+    wf.link(ckpt, "VAE", dec, "vae")
+    blend = wf.node("ImageCompositeMasked", (1960, 390), {"x": 0, "y": 0, "resize_source": False},
+                    size=(315, 146), title="Blend with the feathered mask")
+    wf.link(scale, "IMAGE", blend, "destination")
+    wf.link(dec, "IMAGE", blend, "source")
+    wf.link(out, "mask", blend, "mask")
+    save = wf.node("SaveImage", (2320, 0), {"filename_prefix": "emergent_seg/dit_inpaint"}, size=(400, 460))
+    wf.link(blend, "IMAGE", save, "images")
+    return wf
+
+
+WORKFLOWS = (diffseg_segment, emerdiff_segment, inpaint_segment, diffseg_refined_by_mapper,
+             dit_inpaint_segment)
+#: The ones for DiT hosts (SD3.5 checkpoint at 1024 px); the others load SD1.5 at 512 px.
+DIT_WORKFLOWS = (dit_inpaint_segment,)
 #: Workflows that need another node pack (Impact Pack) live in docs/workflows/, outside
 #: example_workflows/: ComfyUI's template menu and every tool that runs the example workflows on a
 #: bare host only ever see workflows whose nodes are all core or ours.

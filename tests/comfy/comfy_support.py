@@ -245,3 +245,68 @@ def tiny_sd3_model(seed: int = 0):
                 param.fill_(1.0)
         net.pos_embed.copy_(torch.randn(net.pos_embed.shape, generator=torch.Generator().manual_seed(seed)) * 0.02)
     return patcher_for(base.eval())
+
+
+#: Where :func:`build_random_sd35` caches its checkpoint.
+SD35_CHECKPOINT = os.path.join(CACHE_DIR, "sd35_random.safetensors")
+
+
+def sd3_vae_model(seed: int = 0) -> torch.nn.Module:
+    """Full-size SD3/Flux-style VAE (16 latent channels, no quant convs; 84 M parameters) with
+    random weights, built as ``comfy.sd.VAE`` builds one for those keys. Its channel counts are
+    fixed there (``ch`` 128, ``ch_mult`` 1-2-4-4), so it cannot be shrunk."""
+    import comfy.ldm.models.autoencoder
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.ldm.models.autoencoder.AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    return reset_weights(vae, seed)
+
+
+def build_random_sd35(path: str = SD35_CHECKPOINT, seed: int = 0) -> str:
+    """Write a random-weight SD3.5 checkpoint that ``CheckpointLoaderSimple`` detects as SD3 (fp16,
+    about 420 MB). Cached: built once.
+
+    - MMDiT in SD3.5 Large's layout (RMS q/k norms, no image-only attention) at toy width:
+      ComfyUI reads depth from the patch embedding (hidden = 64 * depth, one 64-channel head per
+      block), so 4 joint blocks give hidden 256 and 4 heads; pos_embed covers 64x64 patches
+      (1024 px). Context 4096 and pooled 2048 wide, as SD3's text encoders produce them.
+    - CLIP-L only, at full size (its shape is fixed by ComfyUI's clip_config.json): with no
+      clip_g or T5 in the file ComfyUI builds SD3's text encoder with clip_l alone and pads its
+      output to 4096 (clip_g's pooled part is zeros). T5-XXL (4.7 B parameters) and CLIP-G
+      (0.7 B) cannot be made small: their sizes are fixed too.
+    - The full-size 16-channel VAE (:func:`sd3_vae_model`).
+    """
+    if os.path.isfile(path):
+        return path
+    import comfy.supported_models
+    import comfy.text_encoders.sd3_clip
+    import comfy.utils
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    t0 = time.time()
+    depth = 4
+    config = comfy.supported_models.SD3({
+        "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": depth, "input_size": None,
+        "adm_in_channels": 2048, "num_patches": 64 * 64, "pos_embed_max_size": 64, "pos_embed_scaling_factor": None,
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096,
+                                                                            "out_features": 64 * depth}},
+        "qk_norm": "rms", "x_block_self_attn_layers": []})
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    net = reset_weights(base.diffusion_model, seed)
+    with torch.no_grad():                      # left uninitialised by ComfyUI: norm scales, pos_embed
+        for name, param in net.named_parameters():
+            if name.endswith(("ln_q.weight", "ln_k.weight")):
+                param.fill_(1.0)
+        net.pos_embed.copy_(torch.randn(net.pos_embed.shape, generator=torch.Generator().manual_seed(seed)) * 0.02)
+    clip_cls = comfy.text_encoders.sd3_clip.sd3_clip(clip_l=True, clip_g=False, t5=False)
+    clip = reset_weights(clip_cls(device="cpu", dtype=torch.float32), seed + 2)
+    sd = base.state_dict_for_saving(clip.state_dict(), sd3_vae_model(seed + 1).state_dict())
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    tmp = path + ".partial"
+    comfy.utils.save_torch_file(sd, tmp)
+    os.replace(tmp, path)
+    print(f"built {path}: {len(sd)} tensors in {time.time() - t0:.0f} s")
+    return path

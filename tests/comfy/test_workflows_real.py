@@ -3,14 +3,17 @@
 Gated on COMFYUI_PATH. One ComfyUI server (``main.py --cpu`` on 127.0.0.1) for the module, with
 this repository as ``custom_nodes/emergent_seg``, the cached random-weight SD1.5 checkpoint linked
 under the name the workflows use (``v1-5-pruned-emaonly-fp16.safetensors``) and ComfyUI's own
-``input/example.png``.
+``input/example.png``. For the DiT workflow (dit_inpaint_segment) a random-weight SD3.5 stand-in
+(``comfy_support.build_random_sd35``: a 4-block MMDiT, CLIP-L as its only text encoder, the
+full-size 16-channel VAE) is linked under the SD3.5 checkpoint name that workflow uses
+(``sd3.5_large_fp8_scaled.safetensors``); Load Checkpoint detects it as SD3 like the real file.
 
 Each workflow is converted exactly as the frontend would queue it (tests/workflow_tools.py
 ``ui_to_api``, with the widget order read from the live ``/object_info``), then, **for CPU time
 only**, these values of the converted prompt are changed (the JSON files keep their 512 px
 defaults):
 
-- Upscale Image: 512x512 -> 256x256
+- Upscale Image: 512x512 (1024x1024 in dit_inpaint_segment) -> 256x256
 - KSampler: 20 steps -> 1
 - Low-Res KMeans: 20 clusters -> 4
 - KL Merge feeding the mapper (diffseg_refined_by_mapper): tau 1.1 -> 3.0, so the random-weight
@@ -54,6 +57,7 @@ def start_server(base, log_name: str = "server.log", other_packs: dict[str, str]
     ckpt_dir = base / "models" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
     (ckpt_dir / make_workflows.CHECKPOINT).symlink_to(cs.build_random_sd15())
+    (ckpt_dir / make_workflows.DIT_CHECKPOINT).symlink_to(cs.build_random_sd35())
     (base / "input").mkdir()
     shutil.copy(os.path.join(cs.COMFYUI_PATH, "input", make_workflows.IMAGE), base / "input")
     srv = Server(str(base), _free_port(), str(base / log_name))
@@ -221,3 +225,39 @@ def test_diffseg_refined_by_mapper(server, live_types):
     _check_image_outputs(server, out, _ids(prompt, "MaskPreview")[0])
     info = " ".join(out[_ids(prompt, "PreviewAny", "Mapper")[0]]["text"])
     assert "pooled from the labels" in info, info
+
+
+def test_sd35_stand_in_loads_as_sd3():
+    """What Load Checkpoint makes of the stand-in linked under DIT_CHECKPOINT: ComfyUI's SD3 model
+    (MMDiT, rectified flow), SD3's text encoder with CLIP-L alone (context padded to 4096, pooled
+    2048 wide) and a 16-channel VAE, so the workflow runs the DiT path of Capture Attention."""
+    import comfy.ldm.modules.diffusionmodules.mmdit
+    import comfy.model_base
+    import comfy.sd
+    import nodes as comfy_nodes  # ComfyUI's nodes.py
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(cs.build_random_sd35(), output_vae=True,
+                                                                output_clip=True)
+    assert isinstance(model.model, comfy.model_base.SD3)
+    assert isinstance(model.model.diffusion_model, comfy.ldm.modules.diffusionmodules.mmdit.MMDiT)
+    assert len(model.model.diffusion_model.joint_blocks) == 4
+    te = clip.cond_stage_model
+    assert te.clip_l is not None and te.clip_g is None and te.t5xxl is None
+    [[context, extra]] = comfy_nodes.CLIPTextEncode().encode(clip, "a photo")[0]
+    assert tuple(context.shape) == (1, 77, 4096) and tuple(extra["pooled_output"].shape) == (1, 2048)
+    assert vae.latent_channels == 16
+
+
+def test_dit_inpaint_segment(server, live_types):
+    """The SD3.5 workflow: Capture Attention on the MMDiT's joint attention, then the same inpaint
+    chain as inpaint_segment (VAE Encode for Inpainting -> KSampler -> VAE Decode -> blend)."""
+    prompt, out = _run(server, live_types, "dit_inpaint_segment")
+    [ckpt] = _ids(prompt, "CheckpointLoaderSimple")
+    assert prompt[ckpt]["inputs"]["ckpt_name"] == make_workflows.DIT_CHECKPOINT
+    [mask_out] = _ids(prompt, "EmergentSegMaskOutput")
+    assert prompt[mask_out]["inputs"]["selection"] == "largest:1"
+    _check_mask_output(server, out, mask_out, "diffseg")
+    _check_image_outputs(server, out, _ids(prompt, "MaskPreview")[0])
+    [save] = _ids(prompt, "SaveImage")
+    saved = out[save]["images"]
+    assert len(saved) == 1 and saved[0]["type"] == "output" and saved[0]["subfolder"] == "emergent_seg"
+    _check_image_outputs(server, out, save)
