@@ -15,6 +15,7 @@ How a pass works:
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import comfy.model_management as mm
@@ -430,8 +431,8 @@ class ComfyDitBackend(_HostModel):
         net = model.model.diffusion_model
         self.patch = int(net.patch_size)
         self.blocks = dit_blocks(model)
-        heads = int(getattr(net, "num_heads", 0) or getattr(net.joint_blocks[0].x_block.attn, "num_heads", 1)) \
-            if family == "sd3" else int(net.num_heads)
+        first = net.joint_blocks[0].x_block.attn if family == "sd3" else net.double_blocks[0]
+        heads = int(getattr(net, "num_heads", 0) or getattr(first, "num_heads", 1))
         self._sites = [AttentionSite(name, "self", self.patch, heads, i, "mid", i, 0, None)
                        for i, name in enumerate(self.blocks)]
 
@@ -455,14 +456,10 @@ class ComfyDitBackend(_HostModel):
         stream (``nodes/dit_concepts.py``, ConceptAttention's recipe; the image never attends to
         them) and keeps the per-word maps as the capture's cross-attention, so KL Merge names
         segments after the words."""
-        from dataclasses import replace
+        from comfy.ldm.flux.model import Flux
 
         from ..core.capture import CrossAttentionLevel
-        from .dit_concepts import (
-            FluxConceptStream,
-            MMDiTConceptStream,
-            clip_concept_embeddings,
-        )
+        from .dit_concepts import FluxConceptStream, MMDiTConceptStream, clip_concept_embeddings
 
         device = mm.get_torch_device()
         x = latents.to(device, torch.float32)
@@ -472,8 +469,13 @@ class ComfyDitBackend(_HostModel):
                                          progress=self.progress)
         if self.clip is None:
             raise EmergentSegError("naming segments after words needs the checkpoint's CLIP")
-        concepts = clip_concept_embeddings(self.clip, list(words)).to(device, torch.float32)
         net = self.model.model.diffusion_model
+        if self.family == "flux" and not isinstance(net, Flux):
+            log.warning("emergent_seg: %s has no per-block text modulation for concept tokens; segments "
+                        "are not named after prompt words", type(net).__name__)
+            return capture_dit_attention(self.model, latents, kwargs, sigma, blocks, image_size, seed=seed,
+                                         progress=self.progress)
+        concepts = clip_concept_embeddings(self.clip, list(words)).to(device, torch.float32)
         grid = (int(latents.shape[-2]) // self.patch, int(latents.shape[-1]) // self.patch)
         if self.family == "flux":
             stream: Any = FluxConceptStream(net, concepts, None, grid, y=kwargs.get("y"))
@@ -553,8 +555,10 @@ class ComfyDitBackend(_HostModel):
             self._check_cancel()
             site = by_key[block]
             if attention_fn is not None:
-                q, k, v = (_tokens_last(_heads_first(t, kwargs, args)) for t in args[:3])
-                out = attention_fn(site, q, k, v)
+                q, k, v = (_heads_first(t, kwargs, args) for t in args[:3])
+                if q.shape[1] != site.heads:           # SD3.5's image-only attention may differ
+                    site = replace(site, heads=int(q.shape[1]))
+                out = attention_fn(site, _tokens_last(q), _tokens_last(k), _tokens_last(v))
             else:
                 out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
                 if kwargs.get("skip_output_reshape"):

@@ -17,6 +17,7 @@ from workflow_tools import IMPACT, NODE_TYPES, OURS, Workflow, problems, ui_to_a
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOW_DIR = os.path.join(ROOT, "example_workflows")
 NAMES = [b.__name__ for b in make_workflows.WORKFLOWS]
+SD15_NAMES = [b.__name__ for b in make_workflows.WORKFLOWS if b not in make_workflows.DIT_WORKFLOWS]
 FILES = sorted(glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
 
 
@@ -74,7 +75,7 @@ def test_thumbnail(name):
         assert 200 <= im.width <= 1200 and 150 <= im.height <= 1200
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SD15_NAMES)
 def test_defaults_suit_sd15_at_512(name):
     wf = load(name)
     api = ui_to_api(wf)
@@ -88,11 +89,27 @@ def test_defaults_suit_sd15_at_512(name):
         assert inputs["clusters"] <= 256 and inputs["grid"] == 0       # auto: 16x16 for SD1.5 at 512
 
 
+@pytest.mark.parametrize("name", [b.__name__ for b in make_workflows.DIT_WORKFLOWS])
+def test_dit_defaults_suit_sd35_at_1024(name):
+    """DiT workflows load ComfyUI's SD3.5 template checkpoint at its native 1024 px and leave
+    Capture Attention on the family's presets (levels 'all', sigma 0)."""
+    by_type = {}
+    for node in ui_to_api(load(name)).values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    assert [(i["width"], i["height"]) for i in by_type["ImageScale"]] == [(1024, 1024)]
+    assert by_type["LoadImage"] == [{"image": "example.png"}]
+    assert by_type["CheckpointLoaderSimple"] == [{"ckpt_name": make_workflows.DIT_CHECKPOINT}]
+    [capture] = by_type["EmergentSegCaptureAttention"]
+    assert capture["levels"] == "all" and capture.get("sigma", 0.0) == 0.0
+    for sampler in by_type.get("KSampler", []):
+        assert sampler["scheduler"] == "sgm_uniform" and sampler["denoise"] == 1.0
+
+
 def test_frontend_widget_order():
     """widgets_values order as frontend 1.27.10 creates widgets (seen in a real browser): widget
     inputs in input_order, required before optional, control_after_generate after a seed."""
     layout = {t: [w for w, _ in NODE_TYPES[t].widget_layout()] for t in NODE_TYPES}
-    assert layout["EmergentSegCaptureAttention"] == ["timestep", "levels", "prompt"]
+    assert layout["EmergentSegCaptureAttention"] == ["timestep", "levels", "prompt", "sigma"]
     assert layout["EmergentSegKLMerge"] == ["tau", "anchors_per_side", "iterations", "mode", "refine",
                                             "tau_quantile"]
     assert layout["EmergentSegMaskOutput"] == ["selection", "invert", "grow", "feather"]

@@ -161,6 +161,8 @@ THUMBNAILS = {   # workflow -> (groups of node titles, one panel each; widget ov
                         {"EmergentSegKLMerge": {"tau_quantile": 0.05}, "KSampler": {"steps": 2}}),
     "diffseg_refined_by_mapper": ([["Mask Output (DiffSeg)", "Mask Output (refined)"]],
                                   {"EmergentSegKLMerge": {"tau_quantile": 0.05}}),
+    "dit_inpaint_segment": ([["Mask Output"], ["Mask Preview (inpaint area)"], ["Save Image"]],
+                            {"EmergentSegKLMerge": {"tau_quantile": 0.05}, "KSampler": {"steps": 2}}),
 }
 
 

@@ -400,3 +400,16 @@ def test_prompt_words_run_as_concept_tokens_in_the_capture_pass(models, family):
     picked = mask_output.run(seg.select(0), selection=word).outputs[0]
     assert float(picked[0].sum()) > 0
     assert torch.equal(sample(), before)
+
+
+def test_an_older_comfyui_without_the_attention_override_gets_a_clear_error(models, monkeypatch):
+    """ComfyUI before 0.3.60 has no optimized_attention_override (its wrap_attn): Capture Attention
+    on a DiT then names the version to update to instead of failing inside the model."""
+    import comfy.ldm.modules.attention as host_attention
+
+    from emergent_seg.nodes import capture as capture_node
+
+    monkeypatch.delattr(host_attention, "wrap_attn")
+    with pytest.raises(UnsupportedModelError, match="ComfyUI 0.3.60 or newer"):
+        capture_node.run(models["flux"], latent={"samples": torch.randn(1, 16, 6, 10)},
+                         conditioning=comfy_conditioning("flux"))
