@@ -135,4 +135,8 @@ def run_dit(backend: Any, image: torch.Tensor | None, latent: dict | None, clip:
     words: list[str] = []
     if conditioning is None and clip is not None:     # words only when the pass's text is known
         words = list(dict.fromkeys(w for w in prompt_words(prompt or "") if is_label_word(w)))
-    return NodeResult((backend.capture(latents, cond, noise_level, blocks, image_size, words=words),))
+    if not words:
+        return NodeResult((backend.capture(latents, cond, noise_level, blocks, image_size),))
+    from .dit_concepts import capture_with_words   # imports the host: loaded only inside it
+
+    return NodeResult((capture_with_words(backend, latents, cond, noise_level, blocks, image_size, words),))

@@ -59,8 +59,8 @@ def model_sites(diffusion_model: torch.nn.Module, model_name: str = "") -> tuple
     name = model_name or type(diffusion_model).__name__
     if not all(hasattr(diffusion_model, a) for a in ("input_blocks", "middle_block", "output_blocks")):
         raise UnsupportedModelError(
-            f"the connected model is {name}, a DiT/Flux/SD3-style transformer, not a UNet; {NEEDS_UNET} "
-            "(Flux and SD3/SD3.5 models segment with Capture Attention -> KL Merge)")
+            f"the connected model is {name}, a transformer that is neither a UNet nor Flux/SD3; {NEEDS_UNET}, "
+            "or a Flux or SD3/SD3.5 model")
     sites: list[AttentionSite] = []
     stride, downs = 1, 0
     counters = {"down": 0, "mid": 0, "up": 0}
@@ -449,43 +449,16 @@ class ComfyDitBackend(_HostModel):
         return dit_preset(self.family).blocks(doubles, len(self.blocks) - doubles)
 
     def capture(self, latents: torch.Tensor, cond: Conditioning, sigma: float, blocks: list[str],
-                image_size: tuple[int, int], seed: int = 0, words: Sequence[str] = ()) -> Any:
+                image_size: tuple[int, int], seed: int = 0,
+                also: Callable[[dict[str, Any]], Sequence[Callable[[Any], None]]] | None = None) -> Any:
         """DiffSeg's aggregate over ``blocks`` (:func:`capture_dit_attention`) for scaled latents.
-
-        With ``words``, the same pass also runs each word as a concept token beside the text
-        stream (``nodes/dit_concepts.py``, ConceptAttention's recipe; the image never attends to
-        them) and keeps the per-word maps as the capture's cross-attention, so KL Merge names
-        segments after the words."""
-        from comfy.ldm.flux.model import Flux
-
-        from ..core.capture import CrossAttentionLevel
-        from .dit_concepts import FluxConceptStream, MMDiTConceptStream, clip_concept_embeddings
-
+        ``also(model_kwargs)`` may return more hook installers for the same pass (the concept
+        stream of ``nodes/dit_concepts.py`` ``capture_with_words``)."""
         device = mm.get_torch_device()
         x = latents.to(device, torch.float32)
         kwargs = self._model_kwargs(self.model, cond, x, device)
-        if not words:
-            return capture_dit_attention(self.model, latents, kwargs, sigma, blocks, image_size, seed=seed,
-                                         progress=self.progress)
-        if self.clip is None:
-            raise EmergentSegError("naming segments after words needs the checkpoint's CLIP")
-        net = self.model.model.diffusion_model
-        if self.family == "flux" and not isinstance(net, Flux):
-            log.warning("emergent_seg: %s has no per-block text modulation for concept tokens; segments "
-                        "are not named after prompt words", type(net).__name__)
-            return capture_dit_attention(self.model, latents, kwargs, sigma, blocks, image_size, seed=seed,
-                                         progress=self.progress)
-        concepts = clip_concept_embeddings(self.clip, list(words)).to(device, torch.float32)
-        grid = (int(latents.shape[-2]) // self.patch, int(latents.shape[-1]) // self.patch)
-        if self.family == "flux":
-            stream: Any = FluxConceptStream(net, concepts, None, grid, y=kwargs.get("y"))
-        else:
-            stream = MMDiTConceptStream(net, concepts, None, grid)
-        cap = capture_dit_attention(self.model, latents, kwargs, sigma, blocks, image_size, seed=seed,
-                                    progress=self.progress, also=(stream.install,))
-        maps = stream.result().to(cap.self_attention.device)
-        level = CrossAttentionLevel(grid, len(stream.chosen), maps)
-        return replace(cap, cross=(level,), tokens=tuple(words), prompt=" ".join(words))
+        return capture_dit_attention(self.model, latents, kwargs, sigma, blocks, image_size, seed=seed,
+                                     progress=self.progress, also=tuple(also(kwargs)) if also else ())
 
     # --- EmerDiff on DiT (experimental) -----------------------------------------------------
     # The core's EmerDiff code speaks SD's language: integer timesteps 0..999, a VP schedule

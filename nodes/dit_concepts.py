@@ -531,3 +531,41 @@ def clip_concept_embeddings(clip: Any, words: Sequence[str], key: str | None = N
         emb = cond[0, positions[0]] if reduce == "first" else cond[0, positions].mean(0)
         out.append(emb)
     return torch.stack(out).unsqueeze(0)
+
+
+def capture_with_words(backend: Any, latents: torch.Tensor, cond: Any, sigma: float, blocks: list[str],
+                       image_size: tuple[int, int], words: Sequence[str], seed: int = 0) -> Any:
+    """Capture Attention on a DiT (``comfy_backend.ComfyDitBackend.capture``) with each of ``words``
+    run as a concept token in the same pass; the per-word maps become the capture's
+    cross-attention, so KL Merge names segments after the words. Models whose blocks have no
+    per-block text modulation (Chroma) are captured without words, with a warning."""
+    import logging
+    from dataclasses import replace
+
+    from comfy.ldm.flux.model import Flux
+
+    from ..core.capture import CrossAttentionLevel
+
+    net = backend.model.model.diffusion_model
+    if backend.family == "flux" and not isinstance(net, Flux):
+        logging.getLogger("emergent_seg").warning(
+            "emergent_seg: %s has no per-block text modulation for concept tokens; segments are not "
+            "named after prompt words", type(net).__name__)
+        return backend.capture(latents, cond, sigma, blocks, image_size, seed=seed)
+    if backend.clip is None:
+        raise EmergentSegError("naming segments after words needs the checkpoint's CLIP")
+    grid = (int(latents.shape[-2]) // backend.patch, int(latents.shape[-1]) // backend.patch)
+    streams: list[ConceptStream] = []
+
+    def install(kwargs: dict[str, Any]) -> list[Callable[[Any], None]]:
+        concepts = clip_concept_embeddings(backend.clip, list(words)).to(kwargs["c_crossattn"].device, torch.float32)
+        if backend.family == "flux":
+            streams.append(FluxConceptStream(net, concepts, None, grid, y=kwargs.get("y")))
+        else:
+            streams.append(MMDiTConceptStream(net, concepts, None, grid))
+        return [streams[0].install]
+
+    cap = backend.capture(latents, cond, sigma, blocks, image_size, seed=seed, also=install)
+    maps = streams[0].result().to(cap.self_attention.device)
+    level = CrossAttentionLevel(grid, len(streams[0].chosen), maps)
+    return replace(cap, cross=(level,), tokens=tuple(words), prompt=" ".join(words))

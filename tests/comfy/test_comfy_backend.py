@@ -280,13 +280,19 @@ def tiny_flux_model():
     return cs.patcher_for(base)
 
 
-def test_flux_model_is_refused_in_one_sentence():
+def test_a_dit_that_is_neither_flux_nor_sd3_is_refused_in_one_sentence():
+    """Flux and SD3 have their own backend now; any other transformer gets one sentence naming
+    what is supported, and the MODEL is untouched."""
+    import types
+
     flux = tiny_flux_model()
+    other = flux.clone()
+    other.model = types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2))
     before = copy.deepcopy(flux.model_options)
     with pytest.raises(UnsupportedModelError) as err:
-        capture_node.run(flux, latent={"samples": torch.zeros(1, 16, 8, 8)}, conditioning=sd1_conditioning())
+        capture_node.run(other, latent={"samples": torch.zeros(1, 16, 8, 8)}, conditioning=sd1_conditioning())
     msg = str(err.value)
-    assert "Flux" in msg and "SD1.x/SD2.x/SDXL UNet" in msg and one_sentence(msg), msg
+    assert "SD1.x/SD2.x/SDXL UNet" in msg and "Flux or SD3" in msg and one_sentence(msg), msg
     assert flux.model_options == before
 
 
