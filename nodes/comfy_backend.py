@@ -147,6 +147,11 @@ class _HostModel:
         self.calibration: dict = {}
         self._empty: Conditioning | None = None
 
+    def _check_cancel(self) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        if self.progress is not None:
+            self.progress.check()
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,3,H,W]`` in [0,1] -> scaled latent (ComfyUI's VAE returns the posterior mean)."""
         if self.vae is None:
@@ -312,11 +317,6 @@ class ComfyBackend(_HostModel):
                 setter(self._output_patch(table))
         return m
 
-    def _check_cancel(self) -> None:
-        mm.throw_exception_if_processing_interrupted()
-        if self.progress is not None:
-            self.progress.check()
-
     def _attention_patch(self, site: AttentionSite, fn: Callable) -> Callable:
         def patch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
             self._check_cancel()
@@ -435,6 +435,7 @@ class ComfyDitBackend(_HostModel):
         heads = int(getattr(net, "num_heads", 0) or getattr(first, "num_heads", 1))
         self._sites = [AttentionSite(name, "self", self.patch, heads, i, "mid", i, 0, None)
                        for i, name in enumerate(self.blocks)]
+        self._sigmas: torch.Tensor | None = None
 
     def sites(self) -> list[AttentionSite]:
         return list(self._sites)
@@ -468,9 +469,11 @@ class ComfyDitBackend(_HostModel):
     # at that fraction of its schedule (shift included).
 
     def _sigma_of_timesteps(self) -> torch.Tensor:
-        ms = self.model.get_model_object("model_sampling")
-        return torch.tensor([float(ms.percent_to_sigma(1.0 - (t + 1) / 1000.0)) for t in range(1000)],
-                            dtype=torch.float64).clamp(1e-6, 1.0)
+        if self._sigmas is None:         # 1000 host calls: once per backend, not once per pass
+            ms = self.model.get_model_object("model_sampling")
+            self._sigmas = torch.tensor([float(ms.percent_to_sigma(1.0 - (t + 1) / 1000.0)) for t in range(1000)],
+                                        dtype=torch.float64).clamp(1e-6, 1.0)
+        return self._sigmas
 
     def alphas_cumprod(self) -> torch.Tensor:
         s = self._sigma_of_timesteps()
@@ -509,15 +512,8 @@ class ComfyDitBackend(_HostModel):
         sigma = table[timesteps.detach().cpu().long()].to(torch.float32)
         scale = ((1 - sigma) ** 2 + sigma ** 2).sqrt()
         by_key = {site.key: site for site in self._sites}
-        state: dict[str, Any] = {"block": None, "txt": None}
         clone = base.clone()
-        options = clone.model_options.setdefault("transformer_options", {})
-        existing = options.get("patches_replace", {}).get("dit", {})
-        for name in self.blocks:
-            kind, index = name.split(".")
-            clone.set_model_patch_replace(_block_tag(name, state, existing.get((kind, int(index)))),
-                                          "dit", kind, int(index))
-        previous = options.get("optimized_attention_override")
+        state, previous = _tag_blocks(clone, self.blocks)
 
         def override(func: Callable, *args: Any, **kwargs: Any) -> Any:
             block, text = state["block"], state["txt"]
@@ -556,11 +552,6 @@ class ComfyDitBackend(_HostModel):
         s4 = s.view(-1, 1, 1, 1)
         eps = (x - (1 - s4) * denoised) / s4
         return eps.to(latents.device)
-
-    def _check_cancel(self) -> None:
-        mm.throw_exception_if_processing_interrupted()
-        if self.progress is not None:
-            self.progress.check()
 
     def lowres_kmeans(self, latents: torch.Tensor, cond: Conditioning, k: int, timestep: int, seed: int,
                       grid: int, image_size: tuple[int, int]) -> Any:
@@ -678,15 +669,8 @@ def capture_dit_attention(model: Any, latents: torch.Tensor, model_kwargs: dict[
                                 budget_bytes=budget_bytes or DEFAULT_CHUNK_BYTES, device=latents.device)
     if progress is not None:
         progress.grow(len(available))
-    state: dict[str, Any] = {"block": None, "txt": None}
     clone = model.clone()
-    options = clone.model_options.setdefault("transformer_options", {})
-    existing = options.get("patches_replace", {}).get("dit", {})
-    for name in available:
-        kind, index = name.split(".")
-        clone.set_model_patch_replace(_block_tag(name, state, existing.get((kind, int(index))), progress),
-                                      "dit", kind, int(index))
-    previous = options.get("optimized_attention_override")
+    state, previous = _tag_blocks(clone, available, progress)
 
     def override(func: Callable, *args: Any, **kwargs: Any) -> Any:
         block, text = state["block"], state["txt"]
@@ -721,6 +705,21 @@ def run_dit_pass(clone: Any, latents: torch.Tensor, model_kwargs: dict[str, Any]
     kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in model_kwargs.items()}
     with torch.no_grad():
         clone.model.apply_model(x, s, transformer_options=to, **kwargs)
+
+
+def _tag_blocks(clone: Any, blocks: Sequence[str], progress: Progress | None = None
+                ) -> tuple[dict[str, Any], Callable | None]:
+    """Install a :func:`_block_tag` replace patch on every block of ``clone``, chaining the patch
+    already there. Returns the shared ``{"block", "txt"}`` state the tags keep current and the
+    attention override ``clone`` had before (to chain from ours)."""
+    state: dict[str, Any] = {"block": None, "txt": None}
+    options = clone.model_options.setdefault("transformer_options", {})
+    existing = options.get("patches_replace", {}).get("dit", {})
+    for name in blocks:
+        kind, index = name.split(".")
+        clone.set_model_patch_replace(_block_tag(name, state, existing.get((kind, int(index))), progress),
+                                      "dit", kind, int(index))
+    return state, options.get("optimized_attention_override")
 
 
 def _block_tag(name: str, state: dict[str, Any], chained: Callable | None,
