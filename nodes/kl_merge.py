@@ -27,8 +27,9 @@ SPEC = NodeSpec(
               min=1, max=64, step=1),
         Input("iterations", INT, "Merging rounds (the paper uses 3). Later rounds merge the "
               "proposals of the first.", default=3, min=1, max=10, step=1),
-        Input("mode", COMBO, "fast: matrix-product KL in float32 (seconds on CPU, ~99.97% of pixels "
-              "match the official code). parity: the official float16 arithmetic, quirks included "
+        Input("mode", COMBO, "fast: matrix-product KL in float32 (seconds on CPU); near-ties with "
+              "tau are decided with the official float16 arithmetic, so it picks what parity picks "
+              "except where a map holds an exact float16 zero (parity drops such maps). parity: the official float16 arithmetic, quirks included "
               "(slow; for reproducing the paper).", default="fast", options=MODES),
         Input("refine", BOOLEAN, "Refine the merged maps with k-means over all attention maps (the "
               "official demo's option; slower, smoother boundaries).", default=False),

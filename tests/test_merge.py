@@ -13,6 +13,9 @@ from emergent_seg.core.diffseg import (
     _greedy_groups,
     _greedy_parity,
     _group_means,
+    _iteration0_kl,
+    _iteration0_parts,
+    _official_decisions_near_tau,
     _parity_iteration0,
     _TFBilinear,
     anchor_grid,
@@ -212,7 +215,66 @@ def test_parity_compares_float16_kl_with_float16_tau():
     assert float(kl16[j]) < 1.1 and float(symmetric_kl(a[0], a[1])) < 1.1
     kl_bin, _ = _parity_iteration0(a, torch.tensor([0, 1]), 1.1)
     assert kl_bin.tolist() == [[True, False], [False, True]]
-    assert not torch.equal(merge_parity(a, (1, 2), 1.1, 1), merge_fast(a, (1, 2), 1.1, 1).double())
+    # fast mode's float32 KL of this pair is below 1.1, but the pair sits inside the float16 band,
+    # so fast decides it the official way and keeps the two maps apart, as parity does
+    assert float(kl_matrix(a[:1].float(), a[1:].float())) < 1.1
+    torch.testing.assert_close(merge_fast(a, (1, 2), 1.1, 1).double(), merge_parity(a, (1, 2), 1.1, 1))
+
+
+def _near_tie_case(size: int, seed: int) -> tuple[torch.Tensor, float]:
+    """A planted aggregate with tau at the median anchor-to-pixel KL: many pairs sit next to it."""
+    regions = voronoi_regions(size, size, 4, seed=seed)
+    a = planted_aggregate(regions, seed=seed, jitter=0.9)
+    kl = _iteration0_kl(a.float(), (size, size), 16, None)
+    return a, float(kl[kl > 0].median())
+
+
+@pytest.mark.parametrize("size,seed", [(16, 0), (24, 1), (32, 2)])
+def test_fast_iteration0_decides_near_ties_like_parity(size, seed):
+    a, tau = _near_tie_case(size, seed)
+    x = a.float()
+    anchors, kl, h_x = _iteration0_parts(x, (size, size), 16, None)
+    parity_bin, _ = _parity_iteration0(a.double(), anchors, tau)
+    assert torch.isfinite(a.half().log()).all()  # no float16 zero: parity has no NaN here
+    plain = kl < tau
+    assert (plain != parity_bin).any()  # float32 alone disagrees with the official float16 KL
+    banded = plain.clone()
+    recomputed = _official_decisions_near_tau(banded, x, anchors, kl, h_x, tau)
+    assert 0 < recomputed < kl.numel() // 2
+    assert torch.equal(banded, parity_bin)
+    labels_p = labels_from_proposals(merge_parity(a, (size, size), tau), (size, size), (size, size))
+    labels_f = labels_from_proposals(merge_fast(a, (size, size), tau), (size, size), (size, size))
+    assert torch.equal(labels_p, labels_f)
+
+
+def test_near_tie_recomputation_is_the_official_float16_kl(monkeypatch):
+    # with a band that takes in every pair, the recomputed decisions are parity's, all of them
+    from emergent_seg.core import diffseg
+    a, tau = _near_tie_case(16, 3)
+    x = a.float()
+    anchors, kl, h_x = _iteration0_parts(x, (16, 16), 16, None)
+    parity_bin, _ = _parity_iteration0(a.double(), anchors, tau)
+    monkeypatch.setattr(diffseg, "_FLOAT16_BAND", 1e3)
+    selected = torch.zeros_like(parity_bin)
+    assert _official_decisions_near_tau(selected, x, anchors, kl, h_x, tau, query_chunk=100) == \
+        kl.numel() - anchors.numel()
+    selected[torch.arange(anchors.numel()), anchors] = True
+    assert torch.equal(selected, parity_bin)
+
+
+def test_float16_nan_pairs_keep_the_fast_decision():
+    regions = voronoi_regions(16, 16, 4, seed=1)
+    a = planted_aggregate(regions)
+    j = 37
+    a[j, 5] = 1e-9  # a float16 zero: every official KL against map j is NaN
+    a[j] /= a[j].sum()
+    x = a.float()
+    anchors, kl, h_x = _iteration0_parts(x, (16, 16), 16, None)
+    tau = float(kl[:, j].median())  # put map j's pairs next to tau
+    selected = kl < tau
+    before = selected[:, j].clone()
+    _official_decisions_near_tau(selected, x, anchors, kl, h_x, tau)
+    assert torch.equal(selected[:, j], before)
 
 
 def _chain() -> tuple[torch.Tensor, float]:
