@@ -8,8 +8,9 @@ ratios to the plain forward, the peak extra memory of the capture, and the machi
 ``--profile`` it also breaks the capture's extra time down by attention resolution: the host's
 fused attention, the explicit attention with the head mean, and the fold of coarse levels.
 
-    python benchmarks/bench_capture.py --model sd15 --sizes 512
-    python benchmarks/bench_capture.py --model sdxl --sizes 1024 --profile
+    python benchmarks/bench_capture.py --model sd15 --variant capture     # 11 pairs at 512 px
+    python benchmarks/bench_capture.py --model sdxl --variant capture     # 3 pairs at 1024 px
+    python benchmarks/bench_capture.py --model sdxl --repeats 1 --profile
 """
 from __future__ import annotations
 
@@ -210,19 +211,22 @@ def main() -> None:
                         help="UNet shape: SD1.5 (860 M parameters) or SDXL base (2.57 B)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
                         help="image sides in pixels (default: 512 for sd15, 1024 for sdxl)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed repeats per size (the minimum is kept)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed plain/capture pairs per size (default 11 for sd15, 3 for sdxl); the median "
+                             "of the per-pair ratios is the figure to quote, the minimum times are printed too")
     parser.add_argument("--profile", action="store_true", help="also print the per-resolution breakdown")
     parser.add_argument("--variant", choices=["both", "capture", "previous"], default="both",
                         help="run one capture formulation only, and report this process's peak memory above "
                              "the plain forward's (run once per variant for a clean memory comparison)")
     args = parser.parse_args()
     sizes = args.sizes or ([1024] if args.model == "sdxl" else [512])
+    repeats = args.repeats or (3 if args.model == "sdxl" else 11)
     backend, cond = build_backend(args.model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} UNet "
           f"{sum(p.numel() for p in backend.unet.parameters()) / 1e6:.0f} M parameters (random weights), "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     for size in sizes:
-        run_size(backend, cond, size, args.repeats, args.profile and args.variant == "both", args.variant)
+        run_size(backend, cond, size, repeats, args.profile and args.variant == "both", args.variant)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 
