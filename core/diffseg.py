@@ -429,12 +429,13 @@ _FLOAT16_TAU_ULPS = 8
 
 def _official_decisions_near_tau(selected: torch.Tensor, x: torch.Tensor, anchors: torch.Tensor,
                                  kl: torch.Tensor, h_x: torch.Tensor, tau: float,
-                                 query_chunk: int = 4096) -> int:
+                                 budget: int = 1 << 22) -> int:
     """Make iteration 0's ``selected = kl < tau`` [n, Q] what the official float16 arithmetic
     decides wherever the two could differ: pairs within the float16 error band of tau are
     recomputed the official way (``KL16 < fp16(tau)``), in place. A pair whose float16 KL is NaN
     (an entry that is 0 in float16) keeps fast mode's decision, since fast mode never drops a map.
-    Returns how many pairs were decided."""
+    ``budget`` bounds each of the four float16 scratch buffers, in elements. Returns how many
+    pairs were decided."""
     tau16 = torch.tensor(tau, dtype=torch.float64).to(torch.float16)
     ulp = float(torch.finfo(torch.float16).eps) * 2.0 ** math.floor(math.log2(tau))
     size = 2 * (kl - h_x[anchors].unsqueeze(1) - h_x.unsqueeze(0))
@@ -444,7 +445,7 @@ def _official_decisions_near_tau(selected: torch.Tensor, x: torch.Tensor, anchor
         return 0
     a16 = x.to(torch.float16)
     log16 = torch.log(a16)
-    step = min(query_chunk, int(near.sum(1).max()))
+    step = max(1, min(budget // a16.shape[1], int(near.sum(1).max())))
     # gathered query maps, their logs, and the two scratch buffers, reused by every anchor
     y_buf, log_y_buf, quotient_buf, prod_buf = (
         torch.empty(step, a16.shape[1], dtype=torch.float16, device=x.device) for _ in range(4))

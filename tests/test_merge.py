@@ -256,7 +256,7 @@ def test_near_tie_recomputation_is_the_official_float16_kl(monkeypatch):
     parity_bin, _ = _parity_iteration0(a.double(), anchors, tau)
     monkeypatch.setattr(diffseg, "_FLOAT16_BAND", 1e3)
     selected = torch.zeros_like(parity_bin)
-    assert _official_decisions_near_tau(selected, x, anchors, kl, h_x, tau, query_chunk=100) == \
+    assert _official_decisions_near_tau(selected, x, anchors, kl, h_x, tau, budget=100 * 256) == \
         kl.numel() - anchors.numel()
     selected[torch.arange(anchors.numel()), anchors] = True
     assert torch.equal(selected, parity_bin)
