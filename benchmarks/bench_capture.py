@@ -40,7 +40,8 @@ SDXL_OVERRIDES = dict(
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=128)
 
 
-def build_backend(model: str) -> tuple[DiffusersBackend, Conditioning]:
+def build_backend(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+                  ) -> tuple[DiffusersBackend, Conditioning]:
     from diffusers import UNet2DConditionModel
 
     config = dict(UNet2DConditionModel.load_config(str(SD15_UNET)))
@@ -51,7 +52,8 @@ def build_backend(model: str) -> tuple[DiffusersBackend, Conditioning]:
     else:
         cond = Conditioning(torch.randn(1, 77, 768, generator=g))
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(config).eval()
+    unet = UNet2DConditionModel.from_config(config).eval().to(device, dtype)
+    cond = Conditioning(cond.context.to(device, dtype), extra={k: v.to(device, dtype) for k, v in cond.extra.items()})
     backend = DiffusersBackend(unet, encode_prompt=lambda p: cond)
     backend.latent_scale = 8  # SD's VAE factor; the benchmark feeds latents directly
     return backend, cond
@@ -66,16 +68,25 @@ def previous_head_mean(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     return explicit_attention(q, k, v, heads, on_chunk=fold, budget_bytes=budget_bytes)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Timer:
     """Seconds spent per (label, stride), summed over a pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.seconds: dict[tuple[str, int], list[float]] = {}
+        self.device = device
 
     def wrap(self, label: str, fn: Callable, stride_of: Callable) -> Callable:
         def timed(*args, **kwargs):
+            synchronize(self.device)
             start = time.perf_counter()
             out = fn(*args, **kwargs)
+            synchronize(self.device)
             self.seconds.setdefault((label, stride_of(*args)), []).append(time.perf_counter() - start)
             return out
         return timed
@@ -92,9 +103,18 @@ def max_rss_mb() -> float:
 
 class PeakMemory:
     """Peak resident memory above the level at entry, sampled every 2 ms from /proc (large
-    tensors are mmap-backed, so memory freed by an earlier pass does not hide a later peak)."""
+    tensors are mmap-backed, so memory freed by an earlier pass does not hide a later peak).
+    On a GPU: the peak of allocated GPU memory above the level at entry."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        self.device = device
 
     def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = self.peak = torch.cuda.memory_allocated(self.device)
+            return self
         self.start = self.peak = _rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -106,6 +126,10 @@ class PeakMemory:
             self.peak = max(self.peak, _rss_bytes())
 
     def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_bytes())
@@ -122,8 +146,9 @@ def _rss_bytes() -> int:
 
 def run_size(backend: DiffusersBackend, cond: Conditioning, size: int, repeats: int, profile: bool,
              variant: str = "both") -> None:
-    latent = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([300])
+    device, dtype = backend.device, backend.dtype
+    latent = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    t = torch.tensor([300], device=device)
     self_sites = [s for s in backend.sites() if s.kind == "self"]
     backend.predict_noise(latent, t, cond)  # warm-up
     rss_plain = max_rss_mb()
@@ -132,9 +157,11 @@ def run_size(backend: DiffusersBackend, cond: Conditioning, size: int, repeats: 
     peaks: dict[str, float] = {"plain": 0.0, "capture": 0.0, "previous": 0.0}
 
     def timed(label: str, fn: Callable[[], object]) -> None:
-        with PeakMemory() as memory:
+        with PeakMemory(device) as memory:
+            synchronize(device)
             start = time.perf_counter()
             result = fn()
+            synchronize(device)
             times[label].append(time.perf_counter() - start)
             del result
         peaks[label] = max(peaks[label], memory.extra_mb)
@@ -155,12 +182,15 @@ def run_size(backend: DiffusersBackend, cond: Conditioning, size: int, repeats: 
                                                times["plain"]))
         print(f"{size}px: per-repeat ratios {', '.join(f'{r:.3f}' for r in ratios)}; median "
               f"{ratios[len(ratios) // 2]:.3f}x", flush=True)
+    label = "previous" if variant == "previous" else "capture"
+    print(f"{size}px: per image, median of {repeats}: plain forward {1000 * sorted(times['plain'])[repeats // 2]:.1f} ms, "
+          f"{label} {1000 * sorted(times[label])[repeats // 2]:.1f} ms", flush=True)
     if variant != "both":
         # one capture variant per process: the process's own peak is a clean measure of its memory
-        label = variant
+        above = (max_rss_mb() - rss_plain if device.type != "cuda" else (peaks[label] - peaks["plain"]))
         print(f"{size}px: plain forward {min(times['plain']):.2f}s | {label} {min(times[label]):.2f}s = "
-              f"{min(times[label]) / min(times['plain']):.3f}x | process peak above the plain forward's: "
-              f"{max_rss_mb() - rss_plain:.0f} MB", flush=True)
+              f"{min(times[label]) / min(times['plain']):.3f}x | {'process' if device.type != 'cuda' else 'GPU'} "
+              f"peak above the plain forward's: {above:.0f} MB", flush=True)
         return
     plain, captured, previous = (min(times[k]) for k in ("plain", "capture", "previous"))
     top_h, top_w = min(self_sites, key=lambda s: s.stride).grid(tuple(latent.shape[-2:]))
@@ -177,7 +207,7 @@ def run_size(backend: DiffusersBackend, cond: Conditioning, size: int, repeats: 
 def print_profile(backend, cond, latent, t, self_sites, current) -> None:
     """Per resolution: the host's attention, the capture's attention (current and previous), the
     coarse-level fold; each summed over the layers of that resolution in one pass."""
-    timer = Timer()
+    timer = Timer(latent.device)
     backend.predict_noise(latent, t, cond, PassHooks({s.key: timer.wrap("sdpa", sdpa, lambda site, *a: site.stride)
                                                       for s in self_sites}))
     stride_of_hw = {}
@@ -214,6 +244,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed plain/capture pairs per size (default 11 for sd15, 3 for sdxl); the median "
                              "of the per-pair ratios is the figure to quote, the minimum times are printed too")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="UNet weights and activations (the capture computes probabilities in float32)")
     parser.add_argument("--profile", action="store_true", help="also print the per-resolution breakdown")
     parser.add_argument("--variant", choices=["both", "capture", "previous"], default="both",
                         help="run one capture formulation only, and report this process's peak memory above "
@@ -221,8 +254,10 @@ def main() -> None:
     args = parser.parse_args()
     sizes = args.sizes or ([1024] if args.model == "sdxl" else [512])
     repeats = args.repeats or (3 if args.model == "sdxl" else 11)
-    backend, cond = build_backend(args.model)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} UNet "
+    backend, cond = build_backend(args.model, args.device, getattr(torch, args.dtype))
+    where = (torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}, {args.dtype}, {args.model} UNet "
           f"{sum(p.numel() for p in backend.unet.parameters()) / 1e6:.0f} M parameters (random weights), "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     for size in sizes:
