@@ -224,6 +224,11 @@ def _notify(callback: IterationCallback | None, completed: int) -> None:
         callback(completed)
 
 
+def _float16_tau(tau: float) -> torch.Tensor:
+    """TF converts the threshold to the tensor's dtype: the official comparison is against fp16(tau)."""
+    return torch.tensor(tau, dtype=torch.float64).to(torch.float16)
+
+
 def _official_kl(x: torch.Tensor, log_x: torch.Tensor, y: torch.Tensor, log_y: torch.Tensor,
                  quotient: torch.Tensor, prod: torch.Tensor) -> torch.Tensor:
     """The official iteration-0 KL of maps ``x`` against maps ``y`` (float16, with their float16
@@ -246,8 +251,7 @@ def _parity_iteration0(a64: torch.Tensor, anchors: torch.Tensor, tau: float,
     q = a64.shape[0]
     a16 = a64.to(torch.float16)
     log16 = torch.log(a16)  # what the official recomputes in every chunk; identical values
-    # TF converts the threshold to the tensor's dtype: the comparison is against fp16(tau).
-    tau16 = torch.tensor(tau, dtype=torch.float64).to(torch.float16)
+    tau16 = _float16_tau(tau)
     kl_bin = torch.zeros(anchors.numel(), q, dtype=torch.bool, device=a64.device)
     buffers: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for s in range(0, anchors.numel(), PARITY_ANCHOR_CHUNK):
@@ -436,7 +440,7 @@ def _official_decisions_near_tau(selected: torch.Tensor, x: torch.Tensor, anchor
     (an entry that is 0 in float16) keeps fast mode's decision, since fast mode never drops a map.
     ``budget`` bounds each of the four float16 scratch buffers, in elements. Returns how many
     pairs were decided."""
-    tau16 = torch.tensor(tau, dtype=torch.float64).to(torch.float16)
+    tau16 = _float16_tau(tau)
     ulp = float(torch.finfo(torch.float16).eps) * 2.0 ** math.floor(math.log2(tau))
     size = 2 * (kl - h_x[anchors].unsqueeze(1) - h_x.unsqueeze(0))
     near = (kl - tau).abs() <= size.clamp_(min=0) * _FLOAT16_BAND + _FLOAT16_TAU_ULPS * ulp

@@ -29,8 +29,9 @@ SPEC = NodeSpec(
               "proposals of the first.", default=3, min=1, max=10, step=1),
         Input("mode", COMBO, "fast: matrix-product KL in float32 (seconds on CPU); near-ties with "
               "tau are decided with the official float16 arithmetic, so it picks what parity picks "
-              "except where a map holds an exact float16 zero (parity drops such maps). parity: the official float16 arithmetic, quirks included "
-              "(slow; for reproducing the paper).", default="fast", options=MODES),
+              "except where a map holds an exact float16 zero (parity drops such maps). parity: the "
+              "official float16 arithmetic, quirks included (slow; for reproducing the paper).",
+              default="fast", options=MODES),
         Input("refine", BOOLEAN, "Refine the merged maps with k-means over all attention maps (the "
               "official demo's option; slower, smoother boundaries).", default=False),
         Input("tau_quantile", FLOAT, "Adaptive threshold: when above 0, tau is replaced per image by "
